@@ -1,0 +1,7 @@
+"""Lightning callbacks that write the saved_models/ layout and keep runs reproducible."""
+
+from medens.callbacks.checkpoint import MedensModelCheckpoint
+from medens.callbacks.history import TrainingHistory
+from medens.callbacks.reseed import BatchReseed
+
+__all__ = ["BatchReseed", "MedensModelCheckpoint", "TrainingHistory"]

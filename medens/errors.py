@@ -1,0 +1,19 @@
+"""Exceptions medens raises for bad input; each message names the file or key and the problem."""
+
+from __future__ import annotations
+
+
+class MedensError(Exception):
+    """Base class of every error medens raises on purpose."""
+
+
+class DataError(MedensError, ValueError):
+    """A dataset file is missing, corrupt, or does not match its documented format."""
+
+
+class ConfigError(MedensError, ValueError):
+    """A configuration key is unknown, missing or has an invalid value."""
+
+
+class CheckpointError(MedensError, ValueError):
+    """A checkpoint is unreadable, of the wrong format, or does not fit the network it is loaded into."""

@@ -1,0 +1,1 @@
+"""LightningModules and networks, one module per modality over a shared base."""

@@ -1,0 +1,103 @@
+"""Behaviour every medens LightningModule shares: optimizer plumbing and the checkpoint contract."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from medens.checkpoint.io import MEDENS_KEY
+
+
+class MedensModule(pl.LightningModule):
+    """Base LightningModule: holds the bare network as `self.net` and fills the checkpoint keys.
+
+    Subclasses set `monitor` (the logged metric that decides the best checkpoint, e.g. `val/auc`),
+    `monitor_mode` and `metric_key` (the checkpoint key for it, e.g. `val_auc`). Optimizer and scheduler
+    come from Hydra as partials (`_partial_: true`) and are completed with the parameters here.
+    `name` is the checkpoint file prefix (`resnet50` -> `resnet50_best.pth`).
+    """
+
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+    metric_key: str = "val_metric"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_interval: str = "epoch",
+        compile: bool = False,
+        channels_last: bool = False,
+        name: str = "model",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_interval = scheduler_interval
+        self.compile_net = compile
+        self.channels_last = channels_last
+        self.best_metric: float | None = None
+        # The resolved experiment config (plain containers), written into every checkpoint.
+        self.run_config: dict[str, Any] = {}
+        # Facts a model travels with (label order, channels, preprocessing); merged into hyperparameters.
+        self.io_contract: dict[str, Any] = {}
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if self.compile_net and stage == "fit":
+            self.net.compile()  # in place: state-dict keys stay those of the bare network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": self.monitor},
+        }
+
+    def update_best(self, value: float) -> None:
+        """Track the best monitored value seen so far (restored on resume)."""
+        better = (
+            self.best_metric is None
+            or (self.monitor_mode == "max" and value > self.best_metric)
+            or (self.monitor_mode == "min" and value < self.best_metric)
+        )
+        if better:
+            self.best_metric = float(value)
+
+    def _metric(self, name: str) -> float | None:
+        value = self.trainer.callback_metrics.get(name) if self._trainer is not None else None
+        return None if value is None else float(value)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        hyper = dict(self.run_config)
+        if self.io_contract:
+            hyper["io_contract"] = self.io_contract
+        checkpoint[MEDENS_KEY] = {
+            "epoch": self.current_epoch + 1,
+            "train_loss": self._metric("train/loss"),
+            "val_loss": self._metric("val/loss"),
+            self.metric_key: self._metric(self.monitor),
+            "best_metric": self.best_metric,
+            "monitor": self.monitor,
+            "hyperparameters": hyper,
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        medens = checkpoint.get(MEDENS_KEY, {})
+        if medens.get("best_metric") is not None:
+            self.best_metric = float(medens["best_metric"])

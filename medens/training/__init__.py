@@ -1,0 +1,1 @@
+"""The training stage: config validation, instantiation, the task wrapper, DDP launching."""

@@ -1,0 +1,104 @@
+"""The training stage: compose -> validate -> instantiate -> fit -> test, returning metrics."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from medens.checkpoint.io import MedensCheckpointIO
+from medens.training.ddp import MedensDDPStrategy, cleanup_distributed
+from medens.training.instantiate import instantiate_callbacks, instantiate_loggers
+from medens.training.task import task_wrapper
+from medens.training.validation import validate_config
+
+log = logging.getLogger(__name__)
+
+
+def _hydra_job_paths(cfg: DictConfig) -> None:
+    """Inside a multirun, give each job its own saved_models/ under its sweep folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        with open_dict(cfg):
+            cfg.paths.saved_models_dir = str(Path(hc.runtime.output_dir) / "saved_models")
+
+
+def _best_checkpoint(trainer: pl.Trainer, monitor: str) -> str | None:
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor == monitor and cb.best_model_path:
+            return cb.best_model_path
+    return None
+
+
+def _plain_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train one modality as configured; returns (metrics, objects).
+
+    `metrics` holds the final logged values, `best/<monitor>` and, when `test: true`, the test metrics of
+    the best checkpoint.
+    """
+    validate_config(cfg)
+    _hydra_job_paths(cfg)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+
+    log.info("instantiating datamodule <%s>", cfg.data._target_)
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info("instantiating model <%s>", cfg.model._target_)
+    model = hydra.utils.instantiate(cfg.model)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    if hasattr(datamodule, "io_contract"):
+        model.io_contract = datamodule.io_contract()
+
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[MedensCheckpointIO()]
+    )
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+
+    launched_here = False
+    if isinstance(trainer.strategy, MedensDDPStrategy) and "LOCAL_RANK" not in os.environ:
+        worker_cfg = Path(cfg.paths.output_dir) / ".ddp" / "config.yaml"
+        worker_cfg.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(model.run_config), worker_cfg)
+        trainer.strategy.worker_config = str(worker_cfg)
+        launched_here = True
+
+    try:
+        for lg in trainer.loggers:
+            lg.log_hyperparams(model.run_config)
+        if cfg.get("train", True):
+            trainer.fit(model=model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        metrics = _plain_metrics(trainer)
+        if model.best_metric is not None:
+            metrics[f"best/{model.monitor}"] = model.best_metric
+        best = _best_checkpoint(trainer, model.monitor)
+        objects["best_checkpoint"] = best
+        if cfg.get("test", False):
+            ckpt = best if cfg.get("train", True) else cfg.get("ckpt_path")
+            if ckpt is None:
+                log.warning("no best checkpoint was written; testing the current weights")
+            trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+            metrics.update({k: v for k, v in _plain_metrics(trainer).items() if k.startswith("test/")})
+    finally:
+        cleanup_distributed(launched_here)
+    if trainer.is_global_zero:
+        log.info("best checkpoint: %s", objects["best_checkpoint"])
+    return metrics, objects

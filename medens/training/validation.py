@@ -1,0 +1,75 @@
+"""Config validation: an unknown key is an error that names the key, never silently ignored.
+
+Hydra already rejects CLI overrides of keys that do not exist. This catches the other half: a typo
+inside a YAML file (an experiment, a local override). Every node with a `_target_` is checked against
+the signature of what it builds; top-level keys are checked against the known sections.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from typing import Any
+
+import hydra.utils
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from medens.errors import ConfigError
+
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+#: Top-level keys of a training config and their meaning (see conf/train.yaml).
+TRAIN_KEYS = {
+    "task_name", "tags", "seed", "train", "test", "ckpt_path", "optimized_metric", "data", "model",
+    "callbacks", "logger", "trainer", "paths", "extras", "stage", "notes", "modality", "monitor",
+    "monitor_mode",
+}  # fmt: skip
+
+
+def _suggest(key: str, allowed: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(allowed), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _target_params(target: str) -> tuple[set[str], bool] | None:
+    try:
+        obj = hydra.utils.get_object(target)
+    except Exception as exc:  # an unimportable target is itself a config error
+        raise ConfigError(f"cannot import _target_ {target!r}: {exc}") from exc
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    params = set(sig.parameters)
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    return params, var_kw
+
+
+def _check_node(node: Any, path: str) -> None:
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            found = _target_params(str(node._target_))
+            if found is not None:
+                params, var_kw = found
+                if not var_kw:
+                    for key in node.keys():
+                        key = str(key)
+                        if key not in params and key not in HYDRA_KEYS:
+                            raise ConfigError(
+                                f"unknown config key '{path}.{key}': {node._target_} takes "
+                                f"{sorted(params)}.{_suggest(key, params)}"
+                            )
+        for key in node.keys():
+            if OmegaConf.is_missing(node, key):
+                continue
+            _check_node(node._get_node(key), f"{path}.{key}" if path else str(key))
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            _check_node(item, f"{path}[{i}]")
+
+
+def validate_config(cfg: DictConfig, allowed_top: set[str] = TRAIN_KEYS) -> None:
+    """Raise `ConfigError` naming the first unknown key in `cfg` (top level or under a `_target_`)."""
+    for key in cfg.keys():
+        if key not in allowed_top:
+            raise ConfigError(f"unknown config key '{key}' at the top level.{_suggest(str(key), allowed_top)}")
+    _check_node(cfg, "")
