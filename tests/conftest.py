@@ -18,3 +18,58 @@ def samples_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"MEDENS_SAMPLES={value} is not a directory")
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+PYTHON = os.environ.get("MEDENS_TEST_PYTHON") or __import__("sys").executable
+
+#: Overrides that shrink the X-ray run for tests (the default experiment keeps its meaning).
+TINY_XRAY = [
+    "model.net.arch=resnet18",
+    "data.image_size=32",
+    "data.synthetic.n_patients=16",
+    "data.synthetic.images_per_patient=2",
+    "data.synthetic.image_size=48",
+    "data.batch_size=8",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+
+@pytest.fixture
+def compose_train(tmp_path: Path):
+    """Compose the real conf/train.yaml with overrides, all paths redirected into tmp_path."""
+    from hydra import compose, initialize_config_dir
+
+    import medens  # noqa: F401  (registers resolvers)
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(
+                config_name="train",
+                overrides=[
+                    f"paths.root_dir={tmp_path}",
+                    f"paths.output_dir={tmp_path}/run",
+                    *overrides,
+                ],
+            )
+
+    return _compose
+
+
+def run_cli(script: str, *args: str, root: Path, timeout: int = 600, env: dict | None = None):
+    """Run `python scripts/<script> args...` as a user would, with MEDENS_ROOT=root."""
+    import subprocess
+
+    full_env = {**os.environ, "MEDENS_ROOT": str(root), "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(
+        [PYTHON, str(ROOT / "scripts" / script), *args],
+        cwd=root,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc

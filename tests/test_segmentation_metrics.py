@@ -81,8 +81,12 @@ def test_hd95_matches_monai() -> None:
     a = ndimage.gaussian_filter(rng.standard_normal((30, 28, 20)), 3) > 0.05
     b = ndimage.gaussian_filter(rng.standard_normal((30, 28, 20)), 3) > 0.05
     sp = (1.0, 1.5, 2.0)
-    ref = compute_hausdorff_distance(torch.tensor(np.stack([~a, a]))[None].float(),
-                                     torch.tensor(np.stack([~b, b]))[None].float(), percentile=95, spacing=sp)
+    ref = compute_hausdorff_distance(
+        torch.tensor(np.stack([~a, a]))[None].float(),
+        torch.tensor(np.stack([~b, b]))[None].float(),
+        percentile=95,
+        spacing=sp,
+    )
     assert hd95(a, b, sp) == pytest.approx(float(ref), rel=1e-5)
 
 

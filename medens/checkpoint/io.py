@@ -10,6 +10,7 @@ this file and Lightning's in-memory checkpoint, so Lightning's `ModelCheckpoint`
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -17,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from medens.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "medens-checkpoint/1"
 NET_PREFIX = "net."
@@ -91,10 +95,15 @@ def medens_to_lightning(ckpt: dict[str, Any], path: str | os.PathLike = "<checkp
 
 
 class MedensCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoint plugin that writes and reads the medens file format, atomically."""
+    """Lightning checkpoint plugin that writes and reads the medens file format, atomically.
+
+    Lightning calls `save_checkpoint` on global rank 0 only; the log line names the rank so that
+    multi-process runs can be checked for it.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         atomic_torch_save(lightning_to_medens(checkpoint), path)
+        log.info("medens checkpoint written by rank %s: %s", rank_zero_only.rank, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
         ckpt = load_checkpoint(path)

@@ -47,7 +47,9 @@ def _as_label_map(x: ArrayLike, name: str) -> np.ndarray:
     while arr.ndim > 3 and arr.shape[0] == 1:  # [1, H, W, D] -> [H, W, D]
         arr = arr[0]
     if arr.ndim not in (2, 3):
-        raise ValueError(f"{name}: expected a 2-D/3-D label map (optionally with a leading 1), got {arr.shape}")
+        raise ValueError(
+            f"{name}: expected a 2-D/3-D label map (optionally with a leading 1), got {arr.shape}"
+        )
     return arr
 
 
@@ -77,9 +79,14 @@ def hd95(pred_mask: ArrayLike, gt_mask: ArrayLike, spacing: Sequence[float] | No
     sp = np.ones(p.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)[: p.ndim]
     # restrict to the box around both masks (+1 voxel of background): exact, and much faster
     union = p | g
-    lo = [int(np.flatnonzero(union.any(axis=tuple(a for a in range(p.ndim) if a != ax)))[0]) for ax in range(p.ndim)]
-    hi = [int(np.flatnonzero(union.any(axis=tuple(a for a in range(p.ndim) if a != ax)))[-1]) + 1
-          for ax in range(p.ndim)]
+    lo = [
+        int(np.flatnonzero(union.any(axis=tuple(a for a in range(p.ndim) if a != ax)))[0])
+        for ax in range(p.ndim)
+    ]
+    hi = [
+        int(np.flatnonzero(union.any(axis=tuple(a for a in range(p.ndim) if a != ax)))[-1]) + 1
+        for ax in range(p.ndim)
+    ]
     box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     p = np.pad(p[box], 1)
     g = np.pad(g[box], 1)
@@ -147,7 +154,9 @@ def _to_label_batch(x: torch.Tensor, num_classes: int, name: str) -> torch.Tenso
     if x.ndim >= 4 and x.shape[1] == 1:
         x = x[:, 0]
     if x.ndim not in (3, 4):
-        raise ValueError(f"{name}: expected [B,H,W,D], [B,1,H,W,D] or [B,{num_classes},H,W,D], got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected [B,H,W,D], [B,1,H,W,D] or [B,{num_classes},H,W,D], got {tuple(x.shape)}"
+        )
     return x.long()
 
 
@@ -164,8 +173,13 @@ class BraTSSegmentationMetrics(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, include_hd95: bool = True, empty_penalty: float | None = None, num_classes: int = 4,
-                 **kwargs: object) -> None:
+    def __init__(
+        self,
+        include_hd95: bool = True,
+        empty_penalty: float | None = None,
+        num_classes: int = 4,
+        **kwargs: object,
+    ) -> None:
         super().__init__(**kwargs)
         self.include_hd95 = include_hd95
         self.empty_penalty = empty_penalty
@@ -174,11 +188,17 @@ class BraTSSegmentationMetrics(Metric):
         k = len(self.keys)
         self.add_state("sums", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("counts", default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("undefined", default=torch.zeros(len(REGIONS), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "undefined", default=torch.zeros(len(REGIONS), dtype=torch.float64), dist_reduce_fx="sum"
+        )
         self.add_state("n_cases", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, preds: torch.Tensor, target: torch.Tensor,
-               spacing: torch.Tensor | Sequence[float] | Sequence[Sequence[float]] | None = None) -> None:
+    def update(
+        self,
+        preds: torch.Tensor,
+        target: torch.Tensor,
+        spacing: torch.Tensor | Sequence[float] | Sequence[Sequence[float]] | None = None,
+    ) -> None:
         """Add one batch of cases; ``spacing`` is one (3,) spacing for all or a [B,3] batch of spacings."""
         p = _to_label_batch(torch.as_tensor(preds), self.num_classes, "preds").cpu().numpy()
         g = _to_label_batch(torch.as_tensor(target), self.num_classes, "target").cpu().numpy()
@@ -204,8 +224,9 @@ class BraTSSegmentationMetrics(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Mean of each metric over cases (NaN where no case defined it), plus counts."""
-        means = torch.where(self.counts > 0, self.sums / self.counts.clamp(min=1),
-                            torch.full_like(self.sums, float("nan")))
+        means = torch.where(
+            self.counts > 0, self.sums / self.counts.clamp(min=1), torch.full_like(self.sums, float("nan"))
+        )
         out = {k: means[i].float() for i, k in enumerate(self.keys)}
         if self.include_hd95:
             for j, r in enumerate(REGIONS):

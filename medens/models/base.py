@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -50,6 +51,9 @@ class MedensModule(pl.LightningModule):
         self.io_contract: dict[str, Any] = {}
 
     def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "io_contract"):
+            self.io_contract = dm.io_contract()
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if self.compile_net and stage == "fit":

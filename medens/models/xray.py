@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision
@@ -168,7 +168,7 @@ class XRayClassifier(MedensModule):
         mean = sum(defined) / len(defined) if defined else math.nan
         self.log(f"{stage}/auc", mean, sync_dist=False, rank_zero_only=False)
         names = self.label_names or [str(i) for i in range(len(aucs))]
-        for name, auc in zip(names, aucs):
+        for name, auc in zip(names, aucs, strict=True):
             self.log(f"{stage}/auc_{name}", auc)
         if stage == "val" and not self.trainer.sanity_checking and not math.isnan(mean):
             self.update_best(mean)

@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m medens.training.ddp_worker <resolved-config.yaml>")
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="[ddp rank worker][%(name)s][%(levelname)s] - %(message)s")
     from medens.training.train import train
 
     train(OmegaConf.load(argv[0]))

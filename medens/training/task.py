@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from omegaconf import DictConfig
 

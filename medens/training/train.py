@@ -63,8 +63,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     log.info("instantiating model <%s>", cfg.model._target_)
     model = hydra.utils.instantiate(cfg.model)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
-    if hasattr(datamodule, "io_contract"):
-        model.io_contract = datamodule.io_contract()
 
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))

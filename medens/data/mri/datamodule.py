@@ -1,0 +1,458 @@
+"""Lightning DataModule over BraTS-format case folders (real releases or the synthetic set).
+
+Life cycle:
+- ``prepare_data`` (one process per node): writes the synthetic set when asked, and with
+  ``cache='disk'`` decodes every case once into ``cache_dir`` (errors recorded beside the cache).
+- ``setup`` (every process, idempotent, reads only): discovers cases, checks headers, splits by
+  patient, and decodes/verifies cases (``cache='memory'`` keeps them; ``'none'`` only checks them
+  when ``verify=True``).
+
+Reproducibility: loaders come from `medens.data.loaders.make_loader`: an `EpochShuffleSampler`
+whose order depends only on (seed, epoch), sharded by rank under DDP (medens trainers set
+``use_distributed_sampler=False``), yielding an item seed with every index. `CaseDataset`
+reseeds its MONAI random transforms (``set_random_state``) from that seed before building the
+item, so the patches and augmentations of epoch N are a pure function of (seed, epoch, index):
+the same for a resumed run, with any number of workers, whatever the global RNG state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from monai.data import Dataset as MonaiDataset
+from monai.data import PersistentDataset, list_data_collate
+from monai.transforms import Compose
+from torch.utils.data import DataLoader, Dataset
+
+from medens.data.loaders import make_loader
+from medens.data.splits import patient_split
+from medens.errors import ConfigError, DataError
+
+from .brats import (
+    CANONICAL_MODALITIES,
+    LABEL_NAMES,
+    NUM_CLASSES,
+    BraTSCase,
+    discover_cases,
+    patient_id_from_case,
+    resolve_label_map,
+    resolve_modalities,
+    resolve_patterns,
+)
+from .synthetic import ensure_synthetic, synthetic_params
+from .transforms import (
+    build_decode_transform,
+    build_eval_transform,
+    build_train_transform,
+    resolve_augment,
+)
+
+log = logging.getLogger(__name__)
+
+CACHE_MODES = ("none", "memory", "disk")
+SPLITS = ("train", "val", "test", "predict", "all")
+_CACHE_FORMAT = 1  # bump when the decode chain changes meaning
+
+
+def _data_error(exc: BaseException) -> DataError | None:
+    """The DataError behind an exception (MONAI's Compose wraps transform errors in RuntimeError)."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 20:
+        if isinstance(e, DataError):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
+def _cache_hash(item: Mapping[str, Any]) -> bytes:
+    """Hash function for `PersistentDataset`: the precomputed key of the case (files + decode config)."""
+    return str(item["cache_key"]).encode("utf-8")
+
+
+class CaseDataset(Dataset):
+    """Cases -> decoded items (from a memory list, a disk cache or on the fly) -> phase transform.
+
+    ``set_random_state(seed)`` (called by `SeededItems` with the sampler's per-item seed) reseeds
+    every MONAI random transform of the phase chain.
+    """
+
+    def __init__(self, decoded: Dataset | Sequence[dict], transform: Compose, seed: int = 0) -> None:
+        self.decoded = decoded
+        self.transform = transform
+        self.set_random_state(seed)
+
+    def __len__(self) -> int:
+        return len(self.decoded)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.decoded[index]
+        return self.transform(dict(item))  # shallow copy: the cached item is never modified
+
+    def set_random_state(self, seed: int) -> None:
+        """Reseed the random transforms (MONAI transforms keep their own RNG, not the global one)."""
+        self.transform.set_random_state(seed=int(seed) % (2**32))
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers (Hydra passes them when _convert_ is not 'all') -> plain python."""
+    if isinstance(value, Mapping):
+        return {str(k) if not isinstance(k, int) else k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+class BraTSDataModule(L.LightningDataModule):
+    """BraTS segmentation data: items ``image`` [C,H,W,D] float32, ``label`` [1,H,W,D] int64 (0..3).
+
+    Train items are ``samples_per_volume`` random patches per case, so a train batch holds
+    ``batch_size * samples_per_volume`` patches. Val/test/predict items are whole brain-cropped
+    volumes (``val_batch_size`` 1, shapes differ) for sliding-window inference, carrying ``affine``,
+    ``original_shape``, ``crop_start``/``crop_end``, ``spacing``, ``reference_file`` and ``case_id``
+    (see `medens.data.mri.transforms.write_prediction_nifti`).
+
+    Cases without ground truth are accepted with ``require_label=False``; they appear only in the
+    ``predict`` split. ``on_error='skip'`` drops bad cases and counts them in ``skipped_cases``.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/brats_synthetic",
+        naming: str = "auto",
+        modalities: Sequence[str] = CANONICAL_MODALITIES,
+        file_patterns: Mapping[str, str] | None = None,
+        label_preset: str | None = "brats2021",
+        label_map: Mapping[int | str, int] | None = None,
+        patch_size: Sequence[int] = (128, 128, 128),
+        pos_neg_ratio: float = 1.0,
+        samples_per_volume: int = 2,
+        batch_size: int = 2,
+        val_batch_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        cache: str = "memory",
+        cache_dir: str | None = None,
+        augment: Mapping[str, Any] | None = None,
+        on_error: str = "error",
+        require_label: bool = True,
+        verify: bool = True,
+        crop_foreground: bool = True,
+        crop_margin: int = 0,
+        patient_id_pattern: str | None = None,
+        generate_if_missing: bool = False,
+        synthetic: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.root = Path(str(root)).expanduser()
+        self.naming = str(naming)
+        self._modalities = resolve_modalities(_plain(modalities))
+        self.file_patterns = _plain(file_patterns) if file_patterns else None
+        resolve_patterns(self.naming, self._modalities, self.file_patterns)  # fail fast on config typos
+        self.label_map = resolve_label_map(label_preset, _plain(label_map) if label_map is not None else None)
+        self.patch_size = [int(p) for p in _plain(patch_size)]
+        self.pos_neg_ratio = float(pos_neg_ratio)
+        self.samples_per_volume = int(samples_per_volume)
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.seed = int(seed)
+        if cache not in CACHE_MODES:
+            raise ConfigError(f"cache: '{cache}' is not one of {list(CACHE_MODES)}")
+        self.cache = cache
+        default_cache = Path(os.environ.get("MEDENS_CACHE_DIR", Path.home() / ".cache" / "medens")) / "mri"
+        self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else default_cache
+        self.augment = resolve_augment(_plain(augment) if augment else None)
+        if on_error not in ("error", "skip"):
+            raise ConfigError(f"on_error: '{on_error}' is not one of ['error', 'skip']")
+        self.on_error = on_error
+        self.require_label = bool(require_label)
+        self.verify = bool(verify)
+        self.crop_foreground = bool(crop_foreground)
+        self.crop_margin = int(crop_margin)
+        self.patient_id_pattern = patient_id_pattern
+        self.generate_if_missing = bool(generate_if_missing)
+        try:
+            self.synthetic = synthetic_params(**(_plain(synthetic) or {}))
+        except TypeError as e:
+            raise ConfigError(f"synthetic: {e}; known keys: n_cases, shape, seed, spacing, naming") from None
+        # fail fast on bad patch / ratio values
+        build_train_transform(self.patch_size, self.pos_neg_ratio, self.samples_per_volume, self.augment)
+
+        self._decode = build_decode_transform(self.label_map, self.crop_foreground, self.crop_margin)
+        self._cases: list[BraTSCase] | None = None
+        self._splits: dict[str, list[str]] = {}
+        self._decoded: dict[str, dict] = {}
+        self._datasets: dict[str, CaseDataset] = {}
+        self.skipped_cases: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ public properties
+    @property
+    def modalities(self) -> list[str]:
+        """Canonical modality names in channel order."""
+        return list(self._modalities)
+
+    @property
+    def num_channels(self) -> int:
+        return len(self._modalities)
+
+    @property
+    def num_classes(self) -> int:
+        return NUM_CLASSES
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(LABEL_NAMES)
+
+    @property
+    def cases(self) -> list[BraTSCase]:
+        """Valid cases after setup (bad ones skipped by ``on_error='skip'`` are not listed)."""
+        self._require_setup()
+        assert self._cases is not None
+        return list(self._cases)
+
+    def split_case_ids(self, split: str) -> list[str]:
+        """Case ids of ``train``/``val``/``test`` (labelled cases), or ``predict``/``all`` (every valid case)."""
+        self._require_setup()
+        if split not in SPLITS:
+            raise ConfigError(f"split '{split}' is not one of {list(SPLITS)}")
+        return list(self._splits[split])
+
+    # ------------------------------------------------------------------ lifecycle
+    def prepare_data(self) -> None:
+        """Rank-0 work that writes files: synthetic generation and the disk cache."""
+        if self.generate_if_missing:
+            if ensure_synthetic(
+                self.root, **{k: self.synthetic[k] for k in ("n_cases", "shape", "seed", "spacing", "naming")}
+            ):
+                log.info("wrote synthetic BraTS set to %s (%s)", self.root, self.synthetic)
+        if self.cache == "disk":
+            cases, _ = self._discover()
+            ds = self._persistent(cases)
+            for i, case in enumerate(cases):
+                key = self._cache_key(case)
+                if (self.cache_dir / f"{key}.pt").is_file() or self._error_file(key).is_file():
+                    continue
+                try:
+                    ds[i]
+                except Exception as e:
+                    if (err := _data_error(e)) is None:
+                        raise
+                    self._write_error(key, str(err))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Discover, validate and split (once); later calls are no-ops."""
+        if self._cases is not None:
+            return
+        cases, errors = self._discover()
+        bad: dict[str, str] = {cid: str(e) for cid, e in errors.items()}
+        if self.cache == "memory":
+            for case in cases:
+                try:
+                    self._decoded[case.case_id] = self._decode(self._case_dict(case))
+                except Exception as e:
+                    if (err := _data_error(e)) is None:
+                        raise
+                    bad[case.case_id] = str(err)
+        elif self.cache == "disk":
+            pending = []
+            for case in cases:
+                err = self._error_file(self._cache_key(case))
+                if err.is_file():
+                    bad[case.case_id] = json.loads(err.read_text())["error"]
+                elif not (self.cache_dir / f"{self._cache_key(case)}.pt").is_file():
+                    pending.append(case)
+            if pending:  # prepare_data was not run (plain use outside a Trainer): fill the cache here
+                ds = self._persistent(pending)
+                for i, case in enumerate(pending):
+                    try:
+                        ds[i]
+                    except Exception as e:
+                        if (err := _data_error(e)) is None:
+                            raise
+                        bad[case.case_id] = str(err)
+        elif self.verify:
+            for case in cases:
+                try:
+                    self._decode(self._case_dict(case))
+                except Exception as e:
+                    if (err := _data_error(e)) is None:
+                        raise
+                    bad[case.case_id] = str(err)
+        if bad and self.on_error == "error":
+            lines = "\n  ".join(bad[c] for c in sorted(bad))
+            raise DataError(
+                f"{len(bad)} bad BraTS case(s) under {self.root} (set on_error=skip to skip them):\n  {lines}"
+            )
+        for cid in sorted(bad):
+            log.warning("skipping case %s: %s", cid, bad[cid])
+        self.skipped_cases = dict(sorted(bad.items()))
+        # split over every labelled case folder found (bad ones included), so that skipping a
+        # broken case does not move the other patients between splits
+        all_ids = sorted({c.case_id for c in cases} | set(errors))
+        labelled = [c.case_id for c in cases if c.has_label] + [cid for cid in errors if self.require_label]
+        labelled = sorted(set(labelled))
+        patients = [patient_id_from_case(c, self.patient_id_pattern) for c in labelled]
+        idx = (
+            patient_split(patients, self.val_fraction, self.test_fraction, self.seed)
+            if labelled
+            else {"train": [], "val": [], "test": []}
+        )
+        good = {c.case_id for c in cases} - set(bad)
+        self._splits = {
+            s: [labelled[i] for i in idx[s] if labelled[i] in good] for s in ("train", "val", "test")
+        }
+        self._splits["all"] = [c for c in all_ids if c in good]
+        self._splits["predict"] = list(self._splits["all"])
+        self._cases = [c for c in cases if c.case_id in good]
+        log.info(
+            "BraTS %s: %d cases (train %d, val %d, test %d, skipped %d)",
+            self.root,
+            len(self._cases),
+            len(self._splits["train"]),
+            len(self._splits["val"]),
+            len(self._splits["test"]),
+            len(bad),
+        )
+
+    # ------------------------------------------------------------------ datasets and loaders
+    def dataset(self, split: str) -> CaseDataset:
+        """The dataset of a split (train: random patches; others: whole volumes)."""
+        self._require_setup()
+        if split not in self._datasets:
+            ids = self.split_case_ids(split)
+            by_id = {c.case_id: c for c in self._cases or []}
+            cases = [by_id[c] for c in ids]
+            if split == "train":
+                transform = build_train_transform(
+                    self.patch_size, self.pos_neg_ratio, self.samples_per_volume, self.augment
+                )
+            else:
+                transform = build_eval_transform()
+            if self.cache == "memory":
+                decoded: Any = [self._decoded[c.case_id] for c in cases]
+            elif self.cache == "disk":
+                decoded = self._persistent(cases)
+            else:
+                decoded = MonaiDataset([self._case_dict(c) for c in cases], transform=self._decode)
+            self._datasets[split] = CaseDataset(decoded, transform, seed=self.seed)
+        return self._datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train")
+        if len(ds) == 0:
+            raise DataError(
+                f"no labelled training cases under {self.root} (found {len(self.split_case_ids('all'))} "
+                f"usable cases; skipped {len(self.skipped_cases)})"
+            )
+        return self._loader(ds, self.batch_size, shuffle=True)
+
+    def _loader(self, ds: CaseDataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return make_loader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            trainer=getattr(self, "trainer", None),
+            num_workers=self.num_workers,
+            collate_fn=list_data_collate,
+            pin_memory=self.pin_memory,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Whole volumes in case order; under DDP each rank takes every world-th case, none twice,
+        so metrics summed across ranks (`BraTSSegmentationMetrics`) are exact means over the split."""
+        ds = self.dataset(split)
+        trainer = getattr(self, "trainer", None)
+        world = int(trainer.world_size) if trainer is not None else 1
+        rank = int(trainer.global_rank) if trainer is not None else 0
+        return DataLoader(
+            ds,
+            batch_size=self.val_batch_size,
+            sampler=list(range(rank, len(ds), world)),
+            num_workers=self.num_workers,
+            collate_fn=list_data_collate,
+            pin_memory=self.pin_memory,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("predict")
+
+    # ------------------------------------------------------------------ internals
+    def _require_setup(self) -> None:
+        if self._cases is None:
+            raise RuntimeError("BraTSDataModule.setup() has not been called")
+
+    def _discover(self) -> tuple[list[BraTSCase], dict[str, DataError]]:
+        return discover_cases(
+            self.root, self._modalities, self.naming, self.file_patterns, self.require_label
+        )
+
+    def _case_dict(self, case: BraTSCase) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "case_id": case.case_id,
+            "image_files": [str(p) for p in case.image_files],
+            "modalities": list(case.modalities),
+            "cache_key": self._cache_key(case),
+        }
+        if case.label_file is not None:
+            d["label_file"] = str(case.label_file)
+        if case.mask_file is not None:
+            d["mask_file"] = str(case.mask_file)
+        return d
+
+    def _cache_key(self, case: BraTSCase) -> str:
+        """Changes whenever a file or the decode configuration changes, so a stale cache is never read."""
+        files = [*case.image_files, *(p for p in (case.label_file, case.mask_file) if p is not None)]
+        stats = []
+        for p in files:
+            st = p.stat()
+            stats.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        record = {
+            "format": _CACHE_FORMAT,
+            "files": stats,
+            "label_map": sorted(self.label_map.items()),
+            "crop": [self.crop_foreground, self.crop_margin],
+            "modalities": list(case.modalities),
+        }
+        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
+        return f"{case.case_id}-{digest}"
+
+    def _persistent(self, cases: Sequence[BraTSCase]) -> PersistentDataset:
+        return PersistentDataset(
+            [self._case_dict(c) for c in cases],
+            transform=self._decode,
+            cache_dir=self.cache_dir,
+            hash_func=_cache_hash,
+        )
+
+    def _error_file(self, key: str) -> Path:
+        return self.cache_dir / f"{key}.error.json"
+
+    def _write_error(self, key: str, message: str) -> None:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_dir / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp.write_text(json.dumps({"error": message}))
+        os.replace(tmp, self._error_file(key))

@@ -1,0 +1,388 @@
+"""Chest X-ray data: NIH ChestX-ray14 as distributed (image folder + `Data_Entry_2017*.csv`).
+
+Label order is `NIH_LABELS`, the single source of truth: every reader maps onto it. `No Finding`
+is all zeros. Splits are by patient; the official `train_val_list.txt` / `test_list.txt` are used
+when present in the dataset folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from medens.data.loaders import make_loader
+from medens.data.splits import patient_split, split_by_patient_list
+from medens.errors import DataError
+
+log = logging.getLogger(__name__)
+
+#: The 14 NIH ChestX-ray14 findings, in the order of the NIH paper (Wang et al. 2017) and CheXNet.
+NIH_LABELS: tuple[str, ...] = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
+NO_FINDING = "No Finding"
+REQUIRED_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_finding_labels(text: str, labels: Sequence[str] = NIH_LABELS, where: str = "") -> np.ndarray:
+    """`'Effusion|Mass'` -> multi-hot vector in `labels` order; `No Finding` -> all zeros."""
+    vec = np.zeros(len(labels), dtype=np.float32)
+    index = {name: i for i, name in enumerate(labels)}
+    for name in str(text).split("|"):
+        name = name.strip()
+        if not name or name == NO_FINDING:
+            continue
+        if name not in index:
+            raise DataError(f"{where}unknown finding {name!r}; known labels: {', '.join(labels)}")
+        vec[index[name]] = 1.0
+    return vec
+
+
+def find_label_csv(root: Path, csv: str | None) -> Path:
+    """The label table: `csv` if given (relative to root), else the one `Data_Entry_2017*.csv[.gz]` in root."""
+    if csv:
+        path = Path(csv) if Path(csv).is_absolute() else root / csv
+        if not path.is_file():
+            raise DataError(f"{path}: label CSV not found")
+        return path
+    found = sorted(root.glob("Data_Entry_2017*.csv")) + sorted(root.glob("Data_Entry_2017*.csv.gz"))
+    if not found:
+        raise DataError(f"{root}: no Data_Entry_2017*.csv(.gz) label table in the dataset folder")
+    if len(found) > 1:
+        log.warning("several label tables in %s, using %s", root, found[0].name)
+    return found[0]
+
+
+def read_nih_table(csv_path: Path, labels: Sequence[str] = NIH_LABELS) -> pd.DataFrame:
+    """Read and validate the NIH label table; adds a `targets` column of multi-hot vectors."""
+    try:
+        df = pd.read_csv(csv_path, dtype={"Patient ID": str})
+    except Exception as exc:
+        raise DataError(f"{csv_path}: cannot read label CSV ({exc})") from exc
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{csv_path}: missing column(s) {missing}; found {list(df.columns)[:12]}"
+        )
+    if df.empty:
+        raise DataError(f"{csv_path}: label CSV has no rows")
+    dup = df["Image Index"].duplicated()
+    if dup.any():
+        raise DataError(f"{csv_path}: duplicate Image Index {df.loc[dup, 'Image Index'].iloc[0]!r}")
+    df["targets"] = [
+        parse_finding_labels(t, labels, where=f"{csv_path} row {i + 2} ({name}): ")
+        for i, (t, name) in enumerate(zip(df["Finding Labels"], df["Image Index"], strict=True))
+    ]
+    return df
+
+
+def load_xray_image(path: Path) -> Image.Image:
+    """Open any NIH PNG (greyscale, RGB, RGBA, 8/16 bit) as 8-bit greyscale; errors name the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I", "F"):
+                arr = np.asarray(im, dtype=np.float32)
+                lo, hi = float(arr.min()), float(arr.max())
+                arr = (arr - lo) / (hi - lo + 1e-6) * 255.0
+                return Image.fromarray(arr.astype(np.uint8), mode="L")
+            if im.mode in ("RGBA", "LA", "P"):
+                im = im.convert("RGBA").convert("RGB")
+            return im.convert("L")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def build_transforms(
+    image_size: int,
+    channels: int,
+    normalize: str,
+    augment: Sequence[Any] | None,
+) -> v2.Compose:
+    """Greyscale PIL -> float tensor [channels, size, size]: resize, optional augmentation, normalise."""
+    steps: list[Any] = [v2.PILToTensor(), v2.Resize((image_size, image_size), antialias=True)]
+    steps += list(augment or [])
+    steps.append(v2.ToDtype(torch.float32, scale=True))
+    if channels != 1:
+        steps.append(RepeatChannels(channels))
+    if normalize == "imagenet":
+        mean, std = IMAGENET_MEAN[:channels], IMAGENET_STD[:channels]
+        steps.append(v2.Normalize(mean=list(mean), std=list(std)))
+    elif normalize == "unit":
+        steps.append(v2.Normalize(mean=[0.5] * channels, std=[0.5] * channels))
+    elif normalize != "none":
+        raise ValueError(f"normalize must be imagenet, unit or none, got {normalize!r}")
+    return v2.Compose(steps)
+
+
+class RepeatChannels(torch.nn.Module):
+    """Greyscale [1, H, W] -> [channels, H, W] (a picklable module, unlike a lambda, for worker processes)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t.expand(self.channels, -1, -1)
+
+
+class XRayDataset(Dataset):
+    """Images and multi-hot targets; decoding is lazy, errors name the file."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        targets: np.ndarray,
+        ids: Sequence[str],
+        patient_ids: Sequence[str],
+        transform: v2.Compose,
+    ) -> None:
+        self.paths = list(paths)
+        self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
+        self.ids = list(ids)
+        self.patient_ids = list(patient_ids)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image = self.transform(load_xray_image(self.paths[i]))
+        return {"image": image, "label": self.targets[i], "case_id": self.ids[i], "patient_id": self.patient_ids[i]}
+
+
+def _read_list(path: Path) -> set[str]:
+    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+
+
+class XRayDataModule(pl.LightningDataModule):
+    """NIH ChestX-ray14 folder -> patient-level train/val/test loaders.
+
+    `root` holds `images/` (or `image_dir`) and `Data_Entry_2017*.csv[.gz]`. With `synthetic` set and
+    `generate_if_missing`, `prepare_data` writes a synthetic NIH-format set there first, so the
+    default experiment runs through this same loader.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_dir: str = "images",
+        csv: str | None = None,
+        labels: Sequence[str] = NIH_LABELS,
+        image_size: int = 224,
+        channels: int = 3,
+        normalize: str = "imagenet",
+        view_positions: Sequence[str] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        use_official_split: bool = True,
+        seed: int = 0,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        missing_images: str = "error",
+        verify_images: bool = False,
+        max_images: int | None = None,
+        train_augment: Sequence[Any] | None = None,
+        synthetic: dict[str, Any] | None = None,
+        generate_if_missing: bool = False,
+    ) -> None:
+        super().__init__()
+        if missing_images not in ("error", "skip"):
+            raise ValueError(f"missing_images must be 'error' or 'skip', got {missing_images!r}")
+        self.root = Path(root)
+        self.image_dir = image_dir
+        self.csv = csv
+        self.labels = tuple(labels)
+        self.image_size = image_size
+        self.channels = channels
+        self.normalize = normalize
+        self.view_positions = list(view_positions) if view_positions else None
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.use_official_split = use_official_split
+        self.seed = seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.missing_images = missing_images
+        self.verify_images = verify_images
+        self.max_images = max_images
+        self.train_augment = [hydra.utils.instantiate(t) if _is_config(t) else t for t in (train_augment or [])]
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.generate_if_missing = generate_if_missing
+        self.datasets: dict[str, XRayDataset] = {}
+        self.skipped: list[str] = []
+
+    # -- preparation ------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.generate_if_missing and self.synthetic is not None:
+            from medens.data.synthetic_xray import ensure_synthetic_nih
+
+            ensure_synthetic_nih(self.root, **self.synthetic)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def io_contract(self) -> dict[str, Any]:
+        """What a model trained on this data expects as input and produces as output."""
+        return {
+            "modality": "xray",
+            "label_names": list(self.labels),
+            "input_shape": [self.channels, self.image_size, self.image_size],
+            "preprocessing": {
+                "greyscale": True,
+                "resize": [self.image_size, self.image_size],
+                "scale": "uint8/255",
+                "normalize": self.normalize,
+                "mean": list(IMAGENET_MEAN[: self.channels]) if self.normalize == "imagenet" else None,
+                "std": list(IMAGENET_STD[: self.channels]) if self.normalize == "imagenet" else None,
+            },
+            "output": "logits, one per label (sigmoid for probabilities)",
+        }
+
+    def _table(self) -> pd.DataFrame:
+        csv_path = find_label_csv(self.root, self.csv)
+        df = read_nih_table(csv_path, self.labels)
+        if self.view_positions:
+            if "View Position" not in df.columns:
+                raise DataError(f"{csv_path}: view filter {self.view_positions} needs a 'View Position' column")
+            df = df[df["View Position"].isin(self.view_positions)]
+            if df.empty:
+                raise DataError(f"{csv_path}: no rows with View Position in {self.view_positions}")
+        image_root = self.root / self.image_dir
+        if not image_root.is_dir():
+            raise DataError(f"{image_root}: image folder not found")
+        on_disk = {p.name for p in image_root.iterdir() if p.is_file()}
+        if not on_disk:
+            raise DataError(f"{image_root}: image folder is empty")
+        present = df["Image Index"].isin(on_disk)
+        missing = df.loc[~present, "Image Index"].tolist()
+        if missing:
+            msg = (
+                f"{image_root}: {len(missing)} of {len(df)} images listed in {csv_path.name} are missing "
+                f"on disk (first: {', '.join(missing[:5])})"
+            )
+            if self.missing_images == "error":
+                raise DataError(msg + "; set data.missing_images=skip to train on the images present")
+            log.warning("%s; skipping them", msg)
+        self.skipped = missing
+        df = df[present].reset_index(drop=True)
+        if df.empty:
+            raise DataError(f"{image_root}: none of the images listed in {csv_path} is on disk")
+        if self.max_images:
+            df = df.iloc[: self.max_images].reset_index(drop=True)
+        if self.verify_images:
+            for name in df["Image Index"]:
+                load_xray_image(image_root / name)
+        return df
+
+    def _splits(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+        patients = df["Patient ID"].astype(str).tolist()
+        train_list, test_list = self.root / "train_val_list.txt", self.root / "test_list.txt"
+        if self.use_official_split and train_list.is_file() and test_list.is_file():
+            test_names = _read_list(test_list)
+            is_test = df["Image Index"].isin(test_names).to_numpy()
+            pool = np.flatnonzero(~is_test)
+            inner = split_by_patient_list([patients[i] for i in pool], self.val_fraction, self.seed)
+            split = {
+                "train": pool[inner["train"]],
+                "val": pool[inner["val"]],
+                "test": np.flatnonzero(is_test),
+            }
+            overlap = {patients[i] for i in split["test"]} & {patients[i] for i in pool}
+            if overlap:
+                log.warning("official lists put %d patients in both train_val and test", len(overlap))
+            return split
+        s = patient_split(patients, self.val_fraction, self.test_fraction, self.seed)
+        return {k: np.asarray(v, dtype=int) for k, v in s.items()}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        df = self._table()
+        image_root = self.root / self.image_dir
+        eval_tf = build_transforms(self.image_size, self.channels, self.normalize, None)
+        train_tf = build_transforms(self.image_size, self.channels, self.normalize, self.train_augment)
+        for name, idx in self._splits(df).items():
+            part = df.iloc[idx]
+            self.datasets[name] = XRayDataset(
+                [image_root / n for n in part["Image Index"]],
+                np.stack(part["targets"].to_list()) if len(part) else np.zeros((0, self.num_classes)),
+                part["Image Index"].tolist(),
+                part["Patient ID"].astype(str).tolist(),
+                train_tf if name == "train" else eval_tf,
+            )
+        sizes = {k: len(v) for k, v in self.datasets.items()}
+        log.info("X-ray splits (images): %s from %s", sizes, self.root)
+        if sizes["train"] == 0 or sizes["val"] == 0:
+            raise DataError(f"{self.root}: too few patients for a train/val split: {sizes}")
+
+    def split_patient_ids(self, split: str) -> set[str]:
+        return set(self.datasets[split].patient_ids)
+
+    def positive_fraction(self) -> torch.Tensor:
+        """Per-label prevalence in the training split (for positive class weights)."""
+        return self.datasets["train"].targets.mean(0)
+
+    def _loader(self, split: str, train: bool) -> torch.utils.data.DataLoader:
+        return make_loader(
+            self.datasets[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            seed=self.seed,
+            trainer=self.trainer,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+        )
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._loader("test", train=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "splits": {k: len(v) for k, v in self.datasets.items()},
+            "skipped_missing_images": len(self.skipped),
+            "label_names": list(self.labels),
+        }
+
+
+def _is_config(obj: Any) -> bool:
+    return isinstance(obj, dict) or (hasattr(obj, "keys") and "_target_" in obj)
+
