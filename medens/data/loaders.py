@@ -25,12 +25,13 @@ def make_loader(
     medens trainers set `use_distributed_sampler=False`, so this sampler, not Lightning's wrapper, owns
     the sharding and `set_epoch` reaches it directly. Every item is built under its own seed (see
     `EpochShuffleSampler`), so augmentation does not depend on worker count or on resuming.
+    `drop_last` drops a ragged final batch (use it for training: BatchNorm fails on a batch of one).
     """
     world = trainer.world_size if trainer is not None else 1
     rank = trainer.global_rank if trainer is not None else 0
-    sampler = EpochShuffleSampler(
-        dataset, seed=seed, shuffle=shuffle, num_replicas=world, rank=rank, drop_last=drop_last and shuffle
-    )
+    sampler = EpochShuffleSampler(dataset, seed=seed, shuffle=shuffle, num_replicas=world, rank=rank)
+    # Dropping a ragged last batch avoids BatchNorm on a single sample; never drop the only batch.
+    drop_last = drop_last and len(sampler) > batch_size
     return DataLoader(
         SeededItems(dataset),
         batch_size=batch_size,

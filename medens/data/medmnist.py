@@ -127,7 +127,7 @@ class MedMNISTDataModule(pl.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         return make_loader(
             self.datasets[split], self.batch_size if train else self.eval_batch_size, shuffle=train,
-            seed=self.seed, trainer=self.trainer, num_workers=self.num_workers,
+            seed=self.seed, trainer=self.trainer, num_workers=self.num_workers, drop_last=train,
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:

@@ -363,6 +363,7 @@ class XRayDataModule(pl.LightningDataModule):
             trainer=self.trainer,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            drop_last=train,
         )
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:

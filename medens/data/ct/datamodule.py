@@ -1,0 +1,479 @@
+"""`CTDataModule`: nodule patches for benign/malignant classification from any CT source.
+
+``prepare_data`` (one process per node) generates the synthetic set when asked and builds the patch
+cache; ``setup`` only reads the cache, applies the malignancy rule, and splits by patient. Items are
+``{"image": [C,P,P,P] float32, "label": float32 scalar (1 malignant), "case_id", "patient_id",
+"diameter_mm"}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from medens.data.ct import cache as ct_cache
+from medens.data.ct import sources
+from medens.data.ct.datasets import CTPatchDataset
+from medens.data.ct.geometry import hu_window
+from medens.data.ct.io import SCAN_SUFFIXES
+from medens.data.ct.labels import NoduleRecord, apply_rule, normalise_rule, resolve_label_column
+from medens.data.ct.synthetic import ensure_luna16_synthetic, synthetic_params
+from medens.data.ct.transforms import CTAugment, normalise_augment
+from medens.data.loaders import make_loader
+from medens.data.splits import patient_kfold, patient_split
+from medens.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("luna16", "dicom", "voi", "nodulemnist3d")
+CHANNELS = ("image", "mask")
+SPLITS = ("train", "val", "test")
+
+
+def _plain(x: Any) -> Any:
+    """OmegaConf containers (or any mapping/sequence) -> plain dict/list, so Hydra configs work as-is."""
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("MEDENS_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "medens"
+    )
+    return Path(base) / "ct"
+
+
+def _distributed() -> bool:
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and (torch.distributed.get_world_size() > 1)
+    )
+
+
+class CTDataModule(L.LightningDataModule):
+    """CT nodule patches (LUNA16 / DICOM / pre-cropped VOI / NoduleMNIST3D) for Lightning.
+
+    Sources: ``luna16`` (scans ``<seriesuid>.mhd|.nii(.gz)`` anywhere under ``scans_dir``),
+    ``dicom`` (one folder per series under ``scans_dir``, matched by SeriesInstanceUID), both with
+    ``annotations_csv`` in world mm and a labels table (``labels_csv``, matched to annotations by
+    series and nearest position within ``label_match_mm``; ``None``: labels are columns of the
+    annotations); ``voi`` (pre-cropped NIfTI nodules in ``image_dir``/``mask_dir`` + ``labels_csv``,
+    each centred in the patch); ``nodulemnist3d`` (``root`` is the ``.npz``, or ``root/npz_file``;
+    its official split is kept, images scaled to [0, 1] and resized to ``patch_size``).
+
+    Paths are relative to ``root`` unless absolute. Patient IDs come from a ``patient_id`` column
+    when the label table has one, else the series UID. ``malignancy_rule`` = ``{column: auto,
+    malignant_min: 4, benign_max: 2, indeterminate: exclude|benign|malignant}``. With ``n_folds``,
+    ``test_fraction`` of patients is held out first and the rest split into folds (``val_fraction``
+    unused). ``generator`` holds the parameters of
+    :func:`~medens.data.ct.synthetic.generate_luna16_synthetic` used when ``generate_if_missing``.
+    ``cache_dir`` defaults to ``$MEDENS_CACHE/ct`` or ``~/.cache/medens/ct``.
+    """
+
+    def __init__(
+        self,
+        source: str = "luna16",
+        root: str = "data/ct_synthetic",
+        annotations_csv: str = "annotations.csv",
+        labels_csv: str | None = "labels.csv",
+        scans_dir: str = ".",
+        image_dir: str = "image",
+        mask_dir: str = "mask",
+        npz_file: str | None = None,
+        patch_size: int = 64,
+        spacing_mm: float = 1.0,
+        hu_window: Sequence[float] = (-1000.0, 400.0),
+        pad_hu: float = -1000.0,
+        malignancy_rule: Mapping[str, Any] | None = None,
+        label_match_mm: float = 5.0,
+        channels: Sequence[str] = ("image",),
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+        n_folds: int | None = None,
+        fold: int = 0,
+        cache_dir: str | None = None,
+        augment: Mapping[str, Any] | bool | None = None,
+        on_error: str = "error",
+        generate_if_missing: bool = False,
+        generator: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if source not in SOURCES:
+            raise ConfigError(f"source must be one of {SOURCES}, got {source!r}")
+        channels = tuple(_plain(channels))
+        if (
+            not channels
+            or channels[0] != "image"
+            or any(c not in CHANNELS for c in channels)
+            or len(set(channels)) != len(channels)
+        ):
+            raise ConfigError(f"channels must be [image] or [image, mask], got {list(channels)}")
+        if source == "nodulemnist3d" and "mask" in channels:
+            raise ConfigError("channels: NoduleMNIST3D has no nodule masks; use [image]")
+        window = tuple(float(v) for v in _plain(hu_window))
+        if len(window) != 2 or not window[1] > window[0]:
+            raise ConfigError(f"hu_window must be [low, high] with low < high, got {list(window)}")
+        if int(patch_size) < 4 or float(spacing_mm) <= 0:
+            raise ConfigError(f"patch_size must be >= 4 and spacing_mm > 0, got {patch_size}, {spacing_mm}")
+        if int(seed) < 0:
+            raise ConfigError(f"seed must be >= 0, got {seed}")
+        if n_folds is not None:
+            if source == "nodulemnist3d":
+                raise ConfigError(
+                    "n_folds: NoduleMNIST3D has no patient IDs; only its official split is used"
+                )
+            if int(n_folds) < 2 or not 0 <= int(fold) < int(n_folds):
+                raise ConfigError(
+                    f"need n_folds >= 2 and 0 <= fold < n_folds, got n_folds={n_folds}, fold={fold}"
+                )
+        if on_error not in ("error", "skip"):
+            raise ConfigError(f"on_error must be 'error' or 'skip', got {on_error!r}")
+        if generate_if_missing and source != "luna16":
+            raise ConfigError("generate_if_missing writes a LUNA16-format set: it needs source=luna16")
+        self.source = source
+        self.root = Path(root)
+        self.annotations_csv = annotations_csv
+        self.labels_csv = labels_csv
+        self.scans_dir = scans_dir
+        self.image_dir = image_dir
+        self.mask_dir = mask_dir
+        self.npz_file = npz_file
+        self.patch_config = ct_cache.PatchConfig(
+            patch_size=int(patch_size),
+            spacing_mm=float(spacing_mm),
+            hu_window=window,  # type: ignore[arg-type]
+            pad_hu=float(pad_hu),
+            channels=channels,
+        )
+        self.rule = normalise_rule(_plain(malignancy_rule))
+        self.label_match_mm = float(label_match_mm)
+        self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.val_fraction = float(val_fraction)
+        self.test_fraction = float(test_fraction)
+        self.seed = int(seed)
+        self.n_folds = None if n_folds is None else int(n_folds)
+        self.fold = int(fold)
+        self.cache_dir = Path(cache_dir) if cache_dir else _default_cache_dir()
+        self.augment_cfg = normalise_augment(_plain(augment))
+        self.on_error = on_error
+        self.generate_if_missing = bool(generate_if_missing)
+        self.generator = dict(_plain(generator) or {})
+        if self.generate_if_missing:
+            try:
+                synthetic_params(**self.generator)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"generator: {exc}") from exc
+        self.save_hyperparameters(logger=False)
+
+        self.datasets: dict[str, CTPatchDataset] = {}
+        self.skipped: list[dict[str, str]] = []  # bad inputs skipped under on_error=skip
+        self.excluded: list[dict[str, str]] = []  # unlabelled / indeterminate nodules left out
+        self.cache_path: Path | None = None
+        self._prepared = False
+
+    # ----------------------------------------------------------------------------------- properties
+
+    @property
+    def num_channels(self) -> int:
+        """Input channels of each patch (1 image-only, 2 with the nodule mask)."""
+        return len(self.patch_config.channels)
+
+    @property
+    def pad_value(self) -> float:
+        """The windowed value of padding (air): what augmentation fills in."""
+        lo, hi = self.patch_config.hu_window
+        return float(hu_window(np.asarray([self.patch_config.pad_hu]), lo, hi)[0])
+
+    # ----------------------------------------------------------------------------------- cache key
+
+    def _npz_path(self) -> Path:
+        if self.npz_file:
+            p = sources.resolve(self.root, self.npz_file)
+            assert p is not None
+            return p
+        return self.root
+
+    def cache_key(self) -> str:
+        """Hash of the preprocessing config and a fingerprint of the input files."""
+        root = self.root.resolve()
+        csvs = {}
+        for name in (
+            ("annotations_csv", "labels_csv") if self.source in ("luna16", "dicom") else ("labels_csv",)
+        ):
+            p = sources.resolve(root, getattr(self, name))
+            csvs[name] = [str(p), ct_cache.hash_file(p) if p is not None and p.is_file() else None]
+        if self.source == "voi":
+            trees = [sources.resolve(root, self.image_dir), sources.resolve(root, self.mask_dir)]
+        else:
+            trees = [sources.resolve(root, self.scans_dir)]
+        payload = {
+            "version": ct_cache.CACHE_VERSION,
+            "source": self.source,
+            "root": str(root),
+            "scans_dir": self.scans_dir,
+            "image_dir": self.image_dir,
+            "mask_dir": self.mask_dir,
+            "csvs": csvs,
+            "files": ct_cache.fingerprint_tree(
+                [t for t in trees if t is not None],
+                suffixes=(*SCAN_SUFFIXES, ".raw", ".zraw") if self.source in ("luna16", "voi") else None,
+                exclude=[self.cache_dir],
+            ),
+            "patch": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.patch_config).items()},
+            "on_error": self.on_error,
+            "label_match_mm": self.label_match_mm,
+        }
+        return ct_cache.cache_key(payload)
+
+    # ----------------------------------------------------------------------------------- lightning
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic set if asked, then build the patch cache (once, under a lock)."""
+        if self.generate_if_missing:
+            ensure_luna16_synthetic(self.root, **self.generator)
+        self._prepared = True
+        if self.source == "nodulemnist3d":
+            sources.load_nodulemnist3d(self._npz_path())  # validate early, on one process
+            return
+        key = self.cache_key()
+        path = ct_cache.cache_path_for(self.cache_dir, self.source, key)
+        with ct_cache.file_lock(self.cache_dir / f".{path.name}.lock"):
+            if ct_cache.load_manifest(path) is not None:
+                return
+            policy = sources.ErrorPolicy(self.on_error)
+            records, excluded = self._index(policy)
+            ct_cache.build_cache(
+                path,
+                records,
+                self.patch_config,
+                policy,
+                info={
+                    "source": self.source,
+                    "root": str(self.root.resolve()),
+                    "key": key,
+                    "excluded": excluded,
+                },
+            )
+
+    def _index(self, policy: sources.ErrorPolicy) -> tuple[list[NoduleRecord], list[dict[str, str]]]:
+        if self.source in ("luna16", "dicom"):
+            return sources.index_annotated_scans(
+                self.root,
+                self.annotations_csv,
+                self.labels_csv,
+                self.scans_dir,
+                self.source,
+                self.label_match_mm,
+                policy,
+            )
+        if self.labels_csv is None:
+            raise ConfigError("source=voi needs labels_csv")
+        return sources.index_voi(
+            self.root,
+            self.labels_csv,
+            self.image_dir,
+            self.mask_dir,
+            "mask" in self.patch_config.channels,
+            policy,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the cache (or the .npz), apply the malignancy rule and split by patient. Idempotent."""
+        if self.datasets:
+            return
+        if self.source == "nodulemnist3d":
+            self._setup_nodulemnist()
+            return
+        if not self._prepared and not _distributed():
+            self.prepare_data()  # single process used outside a Trainer (cheap when up to date)
+        key = self.cache_key()
+        path = ct_cache.cache_path_for(self.cache_dir, self.source, key)
+        manifest = ct_cache.load_manifest(path)
+        if manifest is None:
+            raise DataError(f"{path}: no CT patch cache; prepare_data must run (on rank 0) before setup")
+        self.cache_path = path
+        self.skipped = list(manifest["skipped"])
+        self.excluded = list(manifest["info"].get("excluded", []))
+        records = [
+            NoduleRecord.from_json({k: v for k, v in it.items() if k != "row"}) for it in manifest["items"]
+        ]
+        rows = [int(it["row"]) for it in manifest["items"]]
+        labels, keep = self._labels(records)
+        records = [records[i] for i in keep]
+        rows = [rows[i] for i in keep]
+        if not records:
+            raise DataError(
+                f"{self.root}: no labelled nodules left (skipped {len(self.skipped)}, "
+                f"excluded {len(self.excluded)})"
+            )
+        split_idx = self._split([r.patient_id for r in records])
+        train_tf = CTAugment(n_image_channels=1, pad_value=self.pad_value, **self.augment_cfg)
+        for split in SPLITS:
+            idx = split_idx[split]
+            self.datasets[split] = CTPatchDataset(
+                path / ct_cache.PATCHES,
+                [rows[i] for i in idx],
+                [records[i] for i in idx],
+                [labels[i] for i in idx],
+                transform=train_tf if split == "train" and self.augment_cfg["enabled"] else None,
+            )
+        self._log_summary()
+
+    def _labels(self, records: list[NoduleRecord]) -> tuple[list[float], list[int]]:
+        """Apply the malignancy rule; indeterminate/unlabelled nodules go to ``excluded``."""
+        if not records:
+            return [], []
+        columns = set().union(*(r.label_fields for r in records))
+        where = str(sources.resolve(self.root, self.labels_csv or self.annotations_csv))
+        col, kind = resolve_label_column(columns, self.rule, where)
+        labels, keep = [], []
+        for i, r in enumerate(records):
+            value = r.label_fields.get(col)
+            y = apply_rule(value, kind, self.rule, f"{where} ({r.case_id})")
+            if y is None:
+                why = "has no value" if value is None else "is indeterminate under malignancy_rule"
+                self.excluded.append(
+                    {"case_id": r.case_id, "file": where, "reason": f"{col}={value!r} {why}"}
+                )
+                continue
+            labels.append(y)
+            keep.append(i)
+        return labels, keep
+
+    def _split(self, patient_ids: list[str]) -> dict[str, list[int]]:
+        first = patient_split(
+            patient_ids,
+            val_fraction=0.0 if self.n_folds else self.val_fraction,
+            test_fraction=self.test_fraction,
+            seed=self.seed,
+        )
+        if not self.n_folds:
+            return first
+        pool = first["train"]
+        folds = patient_kfold([patient_ids[i] for i in pool], self.n_folds, seed=self.seed)
+        f = folds[self.fold]
+        return {
+            "train": [pool[i] for i in f["train"]],
+            "val": [pool[i] for i in f["val"]],
+            "test": first["test"],
+        }
+
+    def _setup_nodulemnist(self) -> None:
+        data = sources.load_nodulemnist3d(self._npz_path())
+        records = sources.nodulemnist_records(data)
+        train_tf = CTAugment(n_image_channels=1, pad_value=0.0, **self.augment_cfg)
+        for split in SPLITS:
+            images, labels = data[split]
+            recs = [r for r in records if r.official_split == split]
+            self.datasets[split] = CTPatchDataset(
+                images,
+                list(range(len(images))),
+                recs,
+                [float(y) for y in labels],
+                transform=train_tf if split == "train" and self.augment_cfg["enabled"] else None,
+                scale=1.0 / 255.0,
+                resize_to=self.patch_config.patch_size,
+            )
+        self._log_summary()
+
+    def _log_summary(self) -> None:
+        sizes = {s: len(d) for s, d in self.datasets.items()}
+        log.info(
+            "CT data (%s, %s): %s items; train classes %s; %d skipped (on_error=%s), %d excluded",
+            self.source,
+            self.root,
+            sizes,
+            self.class_counts(),
+            len(self.skipped),
+            self.on_error,
+            len(self.excluded),
+        )
+        if self.skipped:
+            log.warning(
+                "CT data: %d nodule(s) skipped for bad input, e.g. %s",
+                len(self.skipped),
+                self.skipped[0]["reason"],
+            )
+
+    # ----------------------------------------------------------------------------------- loaders
+
+    def _need(self, split: str) -> CTPatchDataset:
+        if split not in self.datasets:
+            self.setup()
+        return self.datasets[split]
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        # medens' shared loader: order and per-item augmentation seeds depend only on (seed, epoch,
+        # index), and it shards itself under DDP (trainers run with use_distributed_sampler=False).
+        return make_loader(
+            self._need(split),
+            batch_size=self.batch_size,
+            shuffle=train,
+            seed=self.seed,
+            trainer=self.trainer,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=train,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    # ----------------------------------------------------------------------------------- queries
+
+    def split_patient_ids(self, split: str) -> set[str]:
+        """Patients in a split (train/val/test): for checks that no case crosses splits."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return {r.patient_id for r in self._need(split).records}
+
+    def split_records(self, split: str) -> list[dict[str, Any]]:
+        """Per item of a split: case_id, patient_id, label, diameter_mm (e.g. for the size baseline)."""
+        ds = self._need(split)
+        return [
+            {
+                "case_id": r.case_id,
+                "patient_id": r.patient_id,
+                "label": y,
+                "diameter_mm": float(r.diameter_mm),
+            }
+            for r, y in zip(ds.records, ds.labels, strict=True)
+        ]
+
+    def class_counts(self) -> dict[str, int]:
+        """Benign and malignant counts of the train split (for pos_weight / sampling)."""
+        labels = self._need("train").labels
+        n_pos = int(sum(1 for y in labels if y >= 0.5))
+        return {"benign": len(labels) - n_pos, "malignant": n_pos}
+
+    def positive_fraction(self) -> torch.Tensor:
+        """Malignant fraction of the train split, shape [1] (as the X-ray datamodule's prevalence)."""
+        counts = self.class_counts()
+        return torch.tensor([counts["malignant"] / max(counts["benign"] + counts["malignant"], 1)])

@@ -1,0 +1,23 @@
+"""The main job on the embedded synthetic default: `python scripts/main.py` (see conf/main.yaml)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from medens.pipeline import run_pipeline
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="main")
+def main(cfg: DictConfig) -> None:
+    summary = run_pipeline(cfg)
+    out = Path(cfg.paths.output_dir) / "summary.json"
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"saved models: {cfg.paths.saved_models_dir}\nsummary: {out}")
+
+
+if __name__ == "__main__":
+    main()
