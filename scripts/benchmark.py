@@ -137,7 +137,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"))
+    from benchmark_mri import add_parsers, run  # scripts/benchmark_mri.py: mri-inference, mri-cache
+
+    add_parsers(sub)
     args = parser.parse_args()
+    if args.name.startswith("mri-"):
+        run(args.name.removeprefix("mri-"), args)
+        return
     result = xray_throughput(args)
     result.update(
         {

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import nibabel as nib
 from monai.data import Dataset as MonaiDataset
 from monai.data import PersistentDataset, list_data_collate
 from monai.transforms import Compose
@@ -40,6 +41,7 @@ from .brats import (
     CANONICAL_MODALITIES,
     LABEL_NAMES,
     NUM_CLASSES,
+    REGIONS,
     BraTSCase,
     discover_cases,
     patient_id_from_case,
@@ -103,6 +105,19 @@ class CaseDataset(Dataset):
         self.transform.set_random_state(seed=int(seed) % (2**32))
 
 
+class _FlaggedItems(Dataset):
+    """A rank's evaluation items: ``indices`` into ``dataset``, each flagged ``is_padding`` or not."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], padding: Sequence[bool]) -> None:
+        self.dataset, self.indices, self.padding = dataset, list(indices), list(padding)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[self.indices[i]], "is_padding": self.padding[i]}
+
+
 def _plain(value: Any) -> Any:
     """OmegaConf containers (Hydra passes them when _convert_ is not 'all') -> plain python."""
     if isinstance(value, Mapping):
@@ -157,6 +172,10 @@ class BraTSDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        # Hydra passes OmegaConf containers; the checkpoint stores these hyperparameters and must hold
+        # plain python only (medens loads checkpoints with weights_only=True)
+        for key in list(self.hparams):
+            self.hparams[key] = _plain(self.hparams[key])
         self.root = Path(str(root)).expanduser()
         self.naming = str(naming)
         self._modalities = resolve_modalities(_plain(modalities))
@@ -219,6 +238,43 @@ class BraTSDataModule(L.LightningDataModule):
     @property
     def label_names(self) -> list[str]:
         return list(LABEL_NAMES)
+
+    def io_contract(self) -> dict[str, Any]:
+        """What a model trained on this data expects and produces (kept in every checkpoint).
+
+        Channel order is the configured modality list; labels are medens classes, with the raw code
+        -> class map of this dataset; there is no resampling, so ``spacing`` lists the voxel spacings
+        (mm) seen in the cases (from the NIfTI headers).
+        """
+        spacings: list[list[float]] = []
+        for case in self._cases or []:
+            try:
+                zooms = nib.load(str(case.image_files[0])).header.get_zooms()[:3]
+            except Exception:  # unreadable files were reported by setup; the contract stays usable
+                continue
+            sp = [round(float(z), 4) for z in zooms]
+            if sp not in spacings:
+                spacings.append(sp)
+        brain = "mask file" if any(c.mask_file is not None for c in self._cases or []) else "non-zero voxels"
+        return {
+            "modality": "mri",
+            "channels": self.modalities,
+            "input_channels": self.num_channels,
+            "label_names": self.label_names,
+            "label_map": {str(k): int(v) for k, v in sorted(self.label_map.items())},
+            "regions": {r: list(c) for r, c in REGIONS.items()},
+            "spacing": spacings[0] if len(spacings) == 1 else spacings,
+            "resampling": None,
+            "patch_size": list(self.patch_size),
+            "preprocessing": {
+                "normalize": "per-channel z-score over brain voxels; background 0",
+                "brain": brain,
+                "crop_foreground": self.crop_foreground,
+                "crop_margin": self.crop_margin,
+            },
+            "naming": self.naming,
+            "output": "logits [classes, H, W, D] over label_names (argmax for the label map)",
+        }
 
     @property
     def cases(self) -> list[BraTSCase]:
@@ -377,15 +433,27 @@ class BraTSDataModule(L.LightningDataModule):
 
     def _eval_loader(self, split: str) -> DataLoader:
         """Whole volumes in case order; under DDP each rank takes every world-th case, none twice,
-        so metrics summed across ranks (`BraTSSegmentationMetrics`) are exact means over the split."""
+        so metrics summed across ranks (`BraTSSegmentationMetrics`) are exact means over the split.
+
+        Under DDP every rank also runs the same number of batches: Lightning skips the evaluation
+        hooks on a rank without batches, and the collectives of the other ranks' epoch end would then
+        hang. A rank with fewer cases repeats one, flagged ``is_padding=True``; models skip such items.
+        """
         ds = self.dataset(split)
         trainer = getattr(self, "trainer", None)
         world = int(trainer.world_size) if trainer is not None else 1
         rank = int(trainer.global_rank) if trainer is not None else 0
+        own = list(range(rank, len(ds), world))
+        view: Dataset = ds
+        if world > 1 and len(ds) > 0:
+            per_rank = -(-len(ds) // world)
+            pads = [own[0] if own else 0] * (per_rank - len(own))
+            view = _FlaggedItems(ds, [*own, *pads], [False] * len(own) + [True] * len(pads))
+            own = list(range(per_rank))
         return DataLoader(
-            ds,
+            view,
             batch_size=self.val_batch_size,
-            sampler=list(range(rank, len(ds), world)),
+            sampler=own,
             num_workers=self.num_workers,
             collate_fn=list_data_collate,
             pin_memory=self.pin_memory,
