@@ -38,6 +38,7 @@ def plot_roc_curves(
 ) -> Path:
     """One ROC curve per label with a defined AUC, on one figure."""
     fig, ax = plt.subplots(figsize=(7, 7))
+    ax.set_prop_cycle(color=[plt.cm.tab20(i % 20) for i in range(max(len(names), 1))])
     for c, name in enumerate(names):
         known = ~np.isnan(targets[:, c])
         t, p = targets[known, c], probs[known, c]
@@ -65,3 +66,21 @@ def operating_points(probs: np.ndarray, targets: np.ndarray, thresholds: Sequenc
         spec = float((~pred & neg).sum() / neg.sum()) if neg.any() else math.nan
         rows.append({"threshold": float(th), "sensitivity": sens, "specificity": spec})
     return rows
+
+
+def threshold_for_sensitivity(
+    probs: np.ndarray, targets: np.ndarray, sensitivity: float = 0.9
+) -> dict[str, float]:
+    """The highest threshold whose sensitivity (``probs >= t``) reaches ``sensitivity``, and its specificity.
+
+    Highest, so that specificity is as good as the sensitivity target allows; NaN when the scores
+    have no positive case.
+    """
+    probs, targets = np.asarray(probs, dtype=np.float64).ravel(), np.asarray(targets).ravel()
+    pos = np.sort(probs[targets == 1])[::-1]
+    if pos.size == 0 or not 0 < sensitivity <= 1:
+        return {"threshold": math.nan, "sensitivity": math.nan, "specificity": math.nan}
+    k = int(math.ceil(sensitivity * pos.size - 1e-9))
+    th = float(pos[max(k, 1) - 1])
+    (row,) = operating_points(probs, targets, [th])
+    return row

@@ -21,7 +21,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medens.checkpoint.io import load_checkpoint, load_network_weights
 from medens.errors import CheckpointError, ConfigError
-from medens.evaluation.classification import auc_per_class, plot_roc_curves
+from medens.evaluation.classification import (
+    auc_per_class,
+    operating_points,
+    plot_roc_curves,
+    threshold_for_sensitivity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +67,41 @@ def predict_split(model: Any, loader: Any, device: str = "cpu") -> dict[str, Any
     model.eval().to(device)
     probs, targets, ids = [], [], []
     for batch in loader:
-        out = model.net(batch["image"].to(device))
-        probs.append(torch.sigmoid(out.float()).cpu())
+        x = batch["image"].to(device)
+        # a model with predict_proba (CT: sigmoid or softmax head, optional flip TTA) scores itself
+        if hasattr(model, "predict_proba"):
+            out = model.predict_proba(x)
+        else:
+            out = torch.sigmoid(model.net(x).float())
+        probs.append(out.float().cpu())
         targets.append(batch["label"].float().reshape(len(out), -1))
         ids += list(batch["case_id"])
     return {"probs": torch.cat(probs).numpy(), "targets": torch.cat(targets).numpy(), "case_ids": ids}
+
+
+def binary_operating_table(
+    ckpt: dict[str, Any], probs: np.ndarray, targets: np.ndarray, thresholds: Any = None
+) -> list[dict[str, Any]]:
+    """Sensitivity and specificity at the checkpoint's own thresholds (the configured one and the one that
+    reached the target sensitivity on validation), at a 0.1-0.9 grid (or `thresholds`), and at the
+    highest threshold reaching the target sensitivity on these cases."""
+    op = ckpt.get("operating_point") or {}
+    target = float(op.get("target_sensitivity") or 0.9)
+    named: list[tuple[str, float]] = []
+    if op.get("threshold") is not None:
+        named.append(("configured threshold", float(op["threshold"])))
+    if op.get("threshold_at_target_sensitivity") is not None:
+        th = float(op["threshold_at_target_sensitivity"])
+        named.append((f"{target:.0%} sensitivity on validation", th))
+    grid = [round(0.1 * i, 1) for i in range(1, 10)] if thresholds is None else [float(t) for t in thresholds]
+    named += [("grid", t) for t in grid]
+    known = ~np.isnan(targets)
+    p, t = probs[known], targets[known]
+    table = operating_points(p, t, [v for _, v in named])
+    rows = [{"source": name, **row} for (name, _), row in zip(named, table, strict=True)]
+    here = threshold_for_sensitivity(p, t, target)
+    rows.append({"source": f"{target:.0%} sensitivity on these cases", **here})
+    return rows
 
 
 def evaluate_classifier(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
@@ -99,6 +134,10 @@ def evaluate_classifier(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         }
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if pred["probs"].shape[1] == 1:  # binary (CT): sensitivity/specificity table
+        table = binary_operating_table(ckpt, pred["probs"][:, 0], pred["targets"][:, 0], cfg.get("thresholds"))
+        report["operating_points"] = table
+        pd.DataFrame(table).to_csv(out_dir / "operating_points.csv", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     plot_roc_curves(pred["probs"], pred["targets"], names, out_dir / "roc_curves.png",
                     title=f"{hyper.get('modality', '')} {cfg.split}: mean AUC {report['mean_auc'] or float('nan'):.3f}")  # fmt: skip
@@ -118,4 +157,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     modality = (ckpt.get("hyperparameters") or {}).get("modality", "xray")
     if modality in ("xray", "ct"):
         return evaluate_classifier(cfg, out_dir)
+    if modality == "mri":
+        from medens.evaluation.segmentation import evaluate_segmenter
+
+        return evaluate_segmenter(cfg, out_dir)
     raise ConfigError(f"{cfg.ckpt_path}: no evaluator for modality {modality!r}")

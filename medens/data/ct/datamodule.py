@@ -77,7 +77,10 @@ class CTDataModule(L.LightningDataModule):
     when the label table has one, else the series UID. ``malignancy_rule`` = ``{column: auto,
     malignant_min: 4, benign_max: 2, indeterminate: exclude|benign|malignant}``. With ``n_folds``,
     ``test_fraction`` of patients is held out first and the rest split into folds (``val_fraction``
-    unused). ``generator`` holds the parameters of
+    unused) and each fold's held-out patients are ``val``; with ``inner_val_fraction`` > 0 (and
+    ``test_fraction=0``) they are ``test`` instead and ``val`` is that fraction of the fold's training
+    patients, so early stopping and checkpoint selection never see the held-out fold (nested
+    cross-validation). ``generator`` holds the parameters of
     :func:`~medens.data.ct.synthetic.generate_luna16_synthetic` used when ``generate_if_missing``.
     ``cache_dir`` defaults to ``$MEDENS_CACHE/ct`` or ``~/.cache/medens/ct``.
     """
@@ -107,6 +110,7 @@ class CTDataModule(L.LightningDataModule):
         seed: int = 0,
         n_folds: int | None = None,
         fold: int = 0,
+        inner_val_fraction: float = 0.0,
         cache_dir: str | None = None,
         augment: Mapping[str, Any] | bool | None = None,
         on_error: str = "error",
@@ -142,6 +146,16 @@ class CTDataModule(L.LightningDataModule):
                 raise ConfigError(
                     f"need n_folds >= 2 and 0 <= fold < n_folds, got n_folds={n_folds}, fold={fold}"
                 )
+        if not 0.0 <= float(inner_val_fraction) < 1.0:
+            raise ConfigError(f"inner_val_fraction must be in [0, 1), got {inner_val_fraction}")
+        if float(inner_val_fraction) > 0:
+            if n_folds is None:
+                raise ConfigError("inner_val_fraction needs n_folds (it splits a fold's training patients)")
+            if float(test_fraction) > 0:
+                raise ConfigError(
+                    "inner_val_fraction > 0 makes each fold's held-out patients the test split; "
+                    f"set test_fraction=0 (got {test_fraction})"
+                )
         if on_error not in ("error", "skip"):
             raise ConfigError(f"on_error must be 'error' or 'skip', got {on_error!r}")
         if generate_if_missing and source != "luna16":
@@ -171,6 +185,7 @@ class CTDataModule(L.LightningDataModule):
         self.seed = int(seed)
         self.n_folds = None if n_folds is None else int(n_folds)
         self.fold = int(fold)
+        self.inner_val_fraction = float(inner_val_fraction)
         self.cache_dir = Path(cache_dir) if cache_dir else _default_cache_dir()
         self.augment_cfg = normalise_augment(_plain(augment))
         self.on_error = on_error
@@ -182,6 +197,10 @@ class CTDataModule(L.LightningDataModule):
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"generator: {exc}") from exc
         self.save_hyperparameters(logger=False)
+        # Lightning stores these in every checkpoint, which medens loads with weights_only=True:
+        # Hydra's ListConfig/DictConfig would make the file unloadable, so keep plain containers.
+        for key in list(self.hparams):
+            self.hparams[key] = _plain(self.hparams[key])
 
         self.datasets: dict[str, CTPatchDataset] = {}
         self.skipped: list[dict[str, str]] = []  # bad inputs skipped under on_error=skip
@@ -201,6 +220,36 @@ class CTDataModule(L.LightningDataModule):
         """The windowed value of padding (air): what augmentation fills in."""
         lo, hi = self.patch_config.hu_window
         return float(hu_window(np.asarray([self.patch_config.pad_hu]), lo, hi)[0])
+
+    def io_contract(self) -> dict[str, Any]:
+        """What a model trained on this data expects: written into every checkpoint's hyperparameters,
+        so evaluation, export and the ensemble feed it without guessing channels or preprocessing."""
+        pc = self.patch_config
+        meaning = {
+            "image": f"CT in HU, windowed [{pc.hu_window[0]:g}, {pc.hu_window[1]:g}] and scaled to [0, 1]",
+            "mask": "binary nodule mask (drawn mask, or a ball of diameter_mm where none is given)",
+        }
+        contract: dict[str, Any] = {
+            "modality": "ct",
+            "source": self.source,
+            "channels": list(pc.channels),
+            "channel_meaning": [meaning[c] for c in pc.channels],
+            "patch_size": [pc.patch_size] * 3,
+            "spacing_mm": [pc.spacing_mm] * 3,
+            "axes": "world-aligned LPS x, y, z (nodule centre at voxel patch_size // 2)",
+            "hu_window": list(pc.hu_window),
+            "pad_hu": pc.pad_hu,
+            "value_range": [0.0, 1.0],
+            "label_names": ["malignant"],
+            "label_meaning": {"0": "benign", "1": "malignant"},
+            "output": "probability of malignancy (sigmoid of one logit, or softmax[:, 1] of two)",
+        }
+        if self.source == "nodulemnist3d":
+            contract.update(spacing_mm=None, hu_window=None, pad_hu=None, value_range=[0.0, 1.0])
+            contract["channel_meaning"] = ["NoduleMNIST3D uint8 image / 255, resized to patch_size"]
+        else:
+            contract["malignancy_rule"] = dict(self.rule)
+        return contract
 
     # ----------------------------------------------------------------------------------- cache key
 
@@ -370,6 +419,19 @@ class CTDataModule(L.LightningDataModule):
         pool = first["train"]
         folds = patient_kfold([patient_ids[i] for i in pool], self.n_folds, seed=self.seed)
         f = folds[self.fold]
+        if self.inner_val_fraction > 0:
+            train_pool = [pool[i] for i in f["train"]]
+            inner = patient_split(
+                [patient_ids[i] for i in train_pool],
+                val_fraction=self.inner_val_fraction,
+                test_fraction=0.0,
+                seed=self.seed + 1 + self.fold,
+            )
+            return {
+                "train": [train_pool[i] for i in inner["train"]],
+                "val": [train_pool[i] for i in inner["val"]],
+                "test": [pool[i] for i in f["val"]],
+            }
         return {
             "train": [pool[i] for i in f["train"]],
             "val": [pool[i] for i in f["val"]],

@@ -1,0 +1,350 @@
+"""Patient-grouped k-fold cross-validation of a classifier, against a one-number baseline on the same cases.
+
+`python scripts/cross_validate.py experiment=ct_lidc_voi` trains every fold of `data.n_folds` with
+`train()` (each fold in `<run>/fold_<k>/`, with its own `saved_models/`), predicts the fold's held-out
+patients with the weights at the end of training (`cv.checkpoint: last`) or its best checkpoint
+(`best`), and scores the baseline column (e.g. `diameter_mm`) on exactly the same cases. No held-out case steers training: the datamodule's `inner_val_fraction` makes each fold's
+held-out patients the `test` split, and early stopping, best-checkpoint selection and the operating
+thresholds use a validation split drawn from that fold's training patients only.
+
+`cv.seeds` (e.g. `[1, 2, 3]`) trains one model per seed on each fold (same folds: the split seed is
+`data.seed`) and scores the mean of their probabilities (in `<run>/fold_<k>/seed_<s>/`).
+
+Written to the run folder: `cv_predictions.csv` (one row per held-out case), `cv_report.json` and
+`cv_report.md` (per fold and pooled AUC of model and baseline, mean and spread, a paired patient-level
+bootstrap interval of the difference, operating points at the inner-validation thresholds).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from sklearn.metrics import roc_auc_score
+
+from medens.checkpoint.io import load_checkpoint, load_network_weights
+from medens.errors import ConfigError
+from medens.evaluation.classification import operating_points, threshold_for_sensitivity
+from medens.training.train import train
+from medens.training.validation import TRAIN_KEYS, validate_config
+
+log = logging.getLogger(__name__)
+
+CV_KEYS = {"folds", "seeds", "checkpoint", "bootstrap", "baseline"}
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
+    return float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else None
+
+
+def paired_bootstrap(
+    frame: pd.DataFrame, score_a: str, score_b: str, n: int = 2000, seed: int = 0
+) -> dict[str, float] | None:
+    """95% interval of AUC(a) - AUC(b), resampling patients (all of a patient's nodules together)."""
+    if n <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    groups = [g.index.to_numpy() for _, g in frame.groupby("patient_id", sort=True)]
+    y, a, b = (frame[c].to_numpy() for c in ("label", score_a, score_b))
+    diffs = []
+    for _ in range(int(n)):
+        idx = np.concatenate([groups[i] for i in rng.integers(0, len(groups), len(groups))])
+        if len(np.unique(y[idx])) < 2:
+            continue
+        diffs.append(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
+    d = np.asarray(diffs)
+    return {
+        "n_resamples": int(d.size),
+        "diff_mean": float(d.mean()),
+        "ci95_low": float(np.percentile(d, 2.5)),
+        "ci95_high": float(np.percentile(d, 97.5)),
+        "p_model_not_better": float((d <= 0).mean()),
+    }
+
+
+@torch.no_grad()
+def predict_cases(model: Any, loader: Any) -> pd.DataFrame:
+    """case_id, label and malignancy probability of every item of a loader (model in eval mode)."""
+    model.eval()
+    rows = []
+    for batch in loader:
+        probs = model.predict_proba(batch["image"].to(model.device))[:, 0].float().cpu().numpy()
+        for cid, y, p in zip(batch["case_id"], batch["label"].tolist(), probs, strict=True):
+            rows.append({"case_id": cid, "label": float(y), "prob": float(p)})
+    return pd.DataFrame(rows)
+
+
+def _fold_config(cfg: DictConfig, fold: int, out_dir: Path, seed: int | None = None) -> DictConfig:
+    fcfg = copy.deepcopy(cfg)
+    with open_dict(fcfg):
+        del fcfg["cv"]
+        fcfg.data.fold = int(fold)
+        if seed is not None:  # another initialisation and batch order; the folds stay those of data.seed
+            fcfg.data.seed = int(cfg.data.seed)
+            fcfg.seed = int(seed)
+        fcfg.paths.output_dir = str(out_dir)
+        fcfg.paths.saved_models_dir = str(out_dir / "saved_models")
+        fcfg.test = False  # the held-out fold is predicted below, with the selected checkpoint
+        fcfg.ckpt_path = None
+    return fcfg
+
+
+def _train_fold(
+    cfg: DictConfig, fold: int, out_dir: Path, seed: int | None, checkpoint: str
+) -> dict[str, Any]:
+    """Train one model on one fold; its predictions on the fold's inner-validation and held-out cases."""
+    metrics, objects = train(_fold_config(cfg, fold, out_dir, seed))
+    model, dm = objects["model"], objects["datamodule"]
+    best = objects.get("best_checkpoint")
+    used = "last"
+    if checkpoint == "best" and best:
+        load_network_weights(model.net, load_checkpoint(best), strict=True)
+        used = str(best)
+    return {
+        "val": predict_cases(model, dm.val_dataloader()),
+        "test": predict_cases(model, dm.test_dataloader()),
+        "datamodule": dm,
+        "model": model,
+        "seed": int(objects["cfg"].seed),
+        "checkpoint": used,
+        "epochs": int(objects["trainer"].current_epoch),
+        "best_inner_val_auc": metrics.get("best/val/auc"),
+    }
+
+
+def _mean_prob(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    out = frames[0][["case_id", "label"]].copy()
+    probs = [f.set_index("case_id").loc[out["case_id"], "prob"].to_numpy() for f in frames]
+    out["prob"] = np.mean(probs, axis=0)
+    return out
+
+
+def _check(cfg: DictConfig) -> dict[str, Any]:
+    validate_config(cfg, allowed_top=TRAIN_KEYS | {"cv"})
+    cv = OmegaConf.to_container(cfg.get("cv") or {}, resolve=True)
+    assert isinstance(cv, dict)
+    unknown = set(cv) - CV_KEYS
+    if unknown:
+        raise ConfigError(f"unknown config key(s) cv.{sorted(unknown)}; known: {sorted(CV_KEYS)}")
+    n_folds = cfg.data.get("n_folds")
+    if not n_folds:
+        raise ConfigError("cross-validation needs data.n_folds (e.g. data.n_folds=5)")
+    if not float(cfg.data.get("inner_val_fraction") or 0) > 0:
+        raise ConfigError(
+            "cross-validation needs data.inner_val_fraction > 0: checkpoint selection and early stopping "
+            "must use the fold's training patients, never its held-out ones"
+        )
+    folds = cv.get("folds")
+    folds = list(range(int(n_folds))) if folds is None else [int(f) for f in folds]
+    if not folds or any(not 0 <= f < int(n_folds) for f in folds):
+        raise ConfigError(f"cv.folds must be in 0..{int(n_folds) - 1}, got {folds}")
+    if cv.get("checkpoint", "last") not in ("best", "last"):
+        raise ConfigError(f"cv.checkpoint must be best or last, got {cv.get('checkpoint')!r}")
+    seeds = cv.get("seeds")
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"cv.seeds must be null or a list of distinct seeds, got {seeds}")
+    return {
+        "folds": folds,
+        "seeds": None if seeds is None else [int(v) for v in seeds],
+        "checkpoint": cv.get("checkpoint", "last"),
+        "bootstrap": int(cv.get("bootstrap", 2000) or 0),
+        "baseline": str(cv.get("baseline", "diameter_mm")),
+        "n_folds": int(n_folds),
+    }
+
+
+def cross_validate(cfg: DictConfig) -> dict[str, Any]:
+    """Train and score every fold; returns the report (also written to `cfg.paths.output_dir`)."""
+    opts = _check(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    baseline = opts["baseline"]
+    t_start = time.perf_counter()
+    frames, folds = [], []
+    for k in opts["folds"]:
+        t0 = time.perf_counter()
+        fold_dir = out_dir / f"fold_{k}"
+        log.info("cross-validation: fold %d of %d -> %s", k, opts["n_folds"], fold_dir)
+        if opts["seeds"] is None:
+            runs = [_train_fold(cfg, k, fold_dir, None, opts["checkpoint"])]
+        else:
+            runs = [_train_fold(cfg, k, fold_dir / f"seed_{s}", s, opts["checkpoint"]) for s in opts["seeds"]]
+        dm, model = runs[-1]["datamodule"], runs[-1]["model"]
+        val, test = _mean_prob([r["val"] for r in runs]), _mean_prob([r["test"] for r in runs])
+        info = pd.DataFrame(dm.split_records("test"))
+        if baseline not in info.columns:
+            raise ConfigError(f"cv.baseline {baseline!r} is not a per-case field ({sorted(info.columns)})")
+        frame = test.merge(info.drop(columns="label"), on="case_id", how="left", validate="one_to_one")
+        frame.insert(0, "fold", k)
+        frames.append(frame)
+        y, p, b = frame["label"].to_numpy(), frame["prob"].to_numpy(), frame[baseline].to_numpy()
+        row: dict[str, Any] = {
+            "fold": k,
+            "n_cases": int(len(frame)),
+            "n_malignant": int(y.sum()),
+            "n_patients": int(frame["patient_id"].nunique()),
+            "n_train": len(dm.datasets["train"]),
+            "n_inner_val": len(dm.datasets["val"]),
+            "auc_model": _auc(y, p),
+            f"auc_{baseline}": _auc(y, b),
+            "inner_val_auc": _auc(val["label"].to_numpy(), val["prob"].to_numpy()),
+            "models": [
+                {
+                    "seed": r["seed"],
+                    "auc": _auc(y, r["test"].set_index("case_id").loc[frame["case_id"], "prob"].to_numpy()),
+                    "best_inner_val_auc": r["best_inner_val_auc"],
+                    "epochs": r["epochs"],
+                    "checkpoint": r["checkpoint"],
+                }
+                for r in runs
+            ],
+            "epochs": max(r["epochs"] for r in runs),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        # Operating point at the target sensitivity: the threshold is fixed on the inner validation cases
+        # (for the model and the baseline alike), then applied to the held-out ones.
+        target = float(getattr(model, "target_sensitivity", 0.9))
+        vy = val["label"].to_numpy()
+        vb = pd.DataFrame(dm.split_records("val")).set_index("case_id").loc[val["case_id"], baseline]
+        row["target_sensitivity"] = target
+        for name, score, vscore in (("model", p, val["prob"].to_numpy()), (baseline, b, vb.to_numpy())):
+            th = threshold_for_sensitivity(vscore, vy, target)["threshold"]
+            frame[f"pred_{name}"] = score >= th if math.isfinite(th) else np.nan
+            row[f"held_out_at_target_{name}"] = operating_points(score, y, [th])[0]
+        row["held_out_at_configured_threshold"] = operating_points(
+            p, y, [float(getattr(model, "threshold", 0.5))]
+        )[0]
+        folds.append(row)
+        log.info("fold %d: AUC model %s vs %s %s (%d cases)", k, row["auc_model"], baseline,
+                 row[f"auc_{baseline}"], row["n_cases"])  # fmt: skip
+    allp = pd.concat(frames, ignore_index=True)
+    report = summarise(allp, folds, baseline, opts)
+    report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    report["experiment"] = {
+        "task_name": cfg.get("task_name"),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "trainer": {k: cfg.trainer.get(k) for k in ("max_epochs", "precision", "accelerator")},
+        "seed": cfg.get("seed"),
+    }
+    allp.to_csv(out_dir / "cv_predictions.csv", index=False)
+    (out_dir / "cv_report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "cv_report.md").write_text(markdown_report(report))
+    log.info("cross-validation report: %s", out_dir / "cv_report.md")
+    return report
+
+
+def summarise(
+    allp: pd.DataFrame, folds: list[dict[str, Any]], baseline: str, opts: dict[str, Any]
+) -> dict[str, Any]:
+    """Mean/std over folds and pooled AUCs of model and baseline, plus the paired bootstrap."""
+
+    def stats(key: str) -> dict[str, float | None]:
+        vals = [f[key] for f in folds if f[key] is not None]
+        if not vals:
+            return {"mean": None, "std": None}
+        return {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+
+    y = allp["label"].to_numpy()
+    report: dict[str, Any] = {
+        "n_folds": opts["n_folds"],
+        "folds_run": opts["folds"],
+        "checkpoint_selection": opts["checkpoint"],
+        "seeds": opts["seeds"],
+        "baseline": baseline,
+        "n_cases": int(len(allp)),
+        "n_malignant": int(y.sum()),
+        "n_patients": int(allp["patient_id"].nunique()),
+        "per_fold": folds,
+        "mean_auc_model": stats("auc_model"),
+        f"mean_auc_{baseline}": stats(f"auc_{baseline}"),
+        "pooled_auc_model": _auc(y, allp["prob"].to_numpy()),
+        f"pooled_auc_{baseline}": _auc(y, allp[baseline].to_numpy()),
+    }
+    wins = [
+        f["auc_model"] > f[f"auc_{baseline}"]
+        for f in folds
+        if f["auc_model"] is not None and f[f"auc_{baseline}"] is not None
+    ]
+    report["folds_model_better"] = f"{sum(wins)}/{len(wins)}"
+    for name in ("model", baseline):
+        pred = allp[f"pred_{name}"].astype(float).to_numpy()
+        report[f"pooled_at_target_{name}"] = {
+            "sensitivity": float(np.nanmean(pred[y == 1])) if (y == 1).any() else None,
+            "specificity": float(1.0 - np.nanmean(pred[y == 0])) if (y == 0).any() else None,
+        }
+    report["bootstrap_pooled_auc_difference"] = (
+        paired_bootstrap(allp, "prob", baseline, opts["bootstrap"]) if len(np.unique(y)) == 2 else None
+    )
+    return report
+
+
+_SELECTION = {
+    "best": "checkpoint with the best AUC on an inner validation split of each fold's training patients",
+    "last": "weights at the end of training (inner validation split of the training patients: early "
+    "stopping and thresholds only)",
+}
+
+
+def _f(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    """The report as a short Markdown page (per-fold table, summary, bootstrap)."""
+    b = report["baseline"]
+    lines = [
+        f"# Cross-validation: {report.get('experiment', {}).get('task_name', '')}",
+        "",
+        f"{report['n_folds']}-fold, patient-grouped; {report['n_cases']} held-out cases "
+        f"({report['n_malignant']} malignant) from {report['n_patients']} patients; "
+        + _SELECTION[report["checkpoint_selection"]]
+        + (
+            f"; model = mean probability of {len(report['seeds'])} seeds {report['seeds']}."
+            if report.get("seeds")
+            else "."
+        ),
+        "",
+        f"| fold | cases | malignant | AUC model | AUC {b} | epochs | seconds |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for f in report["per_fold"]:
+        lines.append(
+            f"| {f['fold']} | {f['n_cases']} | {f['n_malignant']} | {_f(f['auc_model'])} | "
+            f"{_f(f[f'auc_{b}'])} | {f['epochs']} | {f['seconds']} |"
+        )
+    m, mb = report["mean_auc_model"], report[f"mean_auc_{b}"]
+    lines += [
+        "",
+        f"- mean AUC over folds: model {_f(m['mean'])} (sd {_f(m['std'])}), {b} {_f(mb['mean'])} (sd {_f(mb['std'])})",
+        f"- pooled AUC (all held-out cases): model {_f(report['pooled_auc_model'])}, "
+        f"{b} {_f(report[f'pooled_auc_{b}'])}",
+        f"- folds where the model is better: {report['folds_model_better']}",
+    ]
+    pm, pb = report.get("pooled_at_target_model"), report.get(f"pooled_at_target_{b}")
+    if pm and pb and report["per_fold"]:
+        t = report["per_fold"][0].get("target_sensitivity", 0.9)
+        lines.append(
+            f"- at {t:.0%} sensitivity (threshold fixed on each fold's inner validation split), held-out "
+            f"sensitivity / specificity: model {_f(pm['sensitivity'])} / {_f(pm['specificity'])}, "
+            f"{b} {_f(pb['sensitivity'])} / {_f(pb['specificity'])}"
+        )
+    bs = report.get("bootstrap_pooled_auc_difference")
+    if bs:
+        lines.append(
+            f"- pooled AUC difference (model - {b}), patient bootstrap x{bs['n_resamples']}: "
+            f"{bs['diff_mean']:+.4f}, 95% CI [{bs['ci95_low']:+.4f}, {bs['ci95_high']:+.4f}], "
+            f"share of resamples with no gain {bs['p_model_not_better']:.3f}"
+        )
+    if "wall_seconds" in report:
+        lines.append(f"- wall time: {report['wall_seconds']:.0f} s")
+    return "\n".join(lines) + "\n"
