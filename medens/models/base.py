@@ -49,6 +49,25 @@ class MedensModule(pl.LightningModule):
         self.run_config: dict[str, Any] = {}
         # Facts a model travels with (label order, channels, preprocessing); merged into hyperparameters.
         self.io_contract: dict[str, Any] = {}
+        # Per-stage scores and targets collected over an evaluation epoch (never checkpointed).
+        self._outputs: dict[str, list[torch.Tensor]] = {}
+
+    def collect_outputs(self, stage: str, scores: torch.Tensor, targets: torch.Tensor) -> None:
+        """Keep one batch's scores and targets until the end of the `stage` epoch."""
+        self._outputs.setdefault(f"{stage}_scores", []).append(scores.detach())
+        self._outputs.setdefault(f"{stage}_targets", []).append(targets.detach())
+
+    def gather_outputs(self, stage: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """All of the `stage` epoch's scores and targets, from every DDP rank, on the CPU (None if empty)."""
+        scores = self._outputs.pop(f"{stage}_scores", [])
+        targets = self._outputs.pop(f"{stage}_targets", [])
+        if not scores:
+            return None
+        s, t = torch.cat(scores), torch.cat(targets)
+        gs, gt = self.all_gather(s), self.all_gather(t)
+        if gs.dim() > s.dim():  # (world, n, ...) under DDP
+            gs, gt = gs.flatten(0, 1), gt.flatten(0, 1)
+        return gs.cpu(), gt.cpu()
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -88,7 +88,6 @@ class CTClassifier(MedensModule):
         self.target_sensitivity = float(target_sensitivity)
         self.tta_flips = bool(tta_flips)
         self.register_buffer("pos_weight", None, persistent=False)
-        self._outputs: dict[str, list[torch.Tensor]] = {}
         self.operating_point: dict[str, Any] = {}
 
     @property
@@ -163,8 +162,7 @@ class CTClassifier(MedensModule):
         loss = self._loss(logits, batch["label"])
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
         probs = self.predict_proba(x) if self.tta_flips else self.probability(logits)
-        self._outputs.setdefault(f"{stage}_probs", []).append(probs[:, 0].detach())
-        self._outputs.setdefault(f"{stage}_targets", []).append(batch["label"].detach().float())
+        self.collect_outputs(stage, probs[:, 0], batch["label"].float())
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -174,12 +172,10 @@ class CTClassifier(MedensModule):
 
     # ------------------------------------------------------------------ epoch metrics
     def _epoch_metrics(self, stage: str) -> None:
-        probs = self._outputs.pop(f"{stage}_probs", [])
-        targets = self._outputs.pop(f"{stage}_targets", [])
-        if not probs:
+        gathered = self.gather_outputs(stage)
+        if gathered is None:
             return
-        p, t = self.all_gather(torch.cat(probs)), self.all_gather(torch.cat(targets))
-        p, t = p.reshape(-1).cpu(), t.reshape(-1).cpu()
+        p, t = gathered[0].reshape(-1), gathered[1].reshape(-1)
         auc = float(binary_auroc(p, t.long())) if 0 < float(t.sum()) < t.numel() else math.nan
         pn, tn = p.numpy().astype(np.float64), t.numpy()
         (at,) = operating_points(pn, tn, [self.threshold])

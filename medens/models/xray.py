@@ -99,7 +99,6 @@ class XRayClassifier(MedensModule):
         self.pos_weight_mode = pos_weight
         self.max_pos_weight = max_pos_weight
         self.register_buffer("pos_weight", None, persistent=False)
-        self._outputs: dict[str, list[torch.Tensor]] = {}
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -145,8 +144,7 @@ class XRayClassifier(MedensModule):
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         logits, loss = self._step(batch)
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
-        self._outputs.setdefault(f"{stage}_probs", []).append(torch.sigmoid(logits.float()).detach())
-        self._outputs.setdefault(f"{stage}_targets", []).append(batch["label"].detach())
+        self.collect_outputs(stage, torch.sigmoid(logits.float()), batch["label"])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -155,15 +153,10 @@ class XRayClassifier(MedensModule):
         self._eval_step("test", batch)
 
     def _epoch_auc(self, stage: str) -> None:
-        probs = self._outputs.pop(f"{stage}_probs", [])
-        targets = self._outputs.pop(f"{stage}_targets", [])
-        if not probs:
+        gathered = self.gather_outputs(stage)
+        if gathered is None:
             return
-        probs, targets = torch.cat(probs), torch.cat(targets)
-        probs, targets = self.all_gather(probs), self.all_gather(targets)
-        if probs.dim() == 3:  # (world, n, classes) under DDP
-            probs, targets = probs.flatten(0, 1), targets.flatten(0, 1)
-        aucs = per_class_auroc(probs.cpu(), targets.cpu())
+        aucs = per_class_auroc(*gathered)
         defined = [a for a in aucs if not math.isnan(a)]
         mean = sum(defined) / len(defined) if defined else math.nan
         self.log(f"{stage}/auc", mean, sync_dist=False, rank_zero_only=False)
