@@ -73,3 +73,22 @@ def run_cli(script: str, *args: str, root: Path, timeout: int = 600, env: dict |
         timeout=timeout,
     )
     return proc
+
+
+def cli_ok(proc) -> str:
+    """A finished `run_cli` that must have succeeded; returns its combined output."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two medens checkpoints hold the same weights, Adam moments, scheduler position and best score."""
+    import torch
+
+    for k, v in a["model_state_dict"].items():
+        torch.testing.assert_close(b["model_state_dict"][k], v, rtol=1e-5, atol=1e-6)
+    for pid, state in a["optimizer_state_dict"]["state"].items():
+        torch.testing.assert_close(b["optimizer_state_dict"]["state"][pid]["exp_avg"], state["exp_avg"])
+    assert a["scheduler_state_dict"]["last_epoch"] == b["scheduler_state_dict"]["last_epoch"]
+    assert a["best_metric"] == pytest.approx(b["best_metric"])

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 
 from medens.checkpoint import load_checkpoint
 from medens.data.ct.synthetic import generate_luna16_synthetic
-from tests.conftest import run_cli
+from tests.conftest import assert_same_training_state, cli_ok, run_cli
 from tests.test_ct_model import TINY_CT
 
 BASE = ["experiment=ct", *TINY_CT, "logger=none"]
@@ -22,17 +22,11 @@ BASE = ["experiment=ct", *TINY_CT, "logger=none"]
 THREADS = {"OMP_NUM_THREADS": "1"}
 
 
-def _ok(proc) -> str:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    return out
-
-
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     """An uninterrupted 4-epoch run with a checkpoint every epoch (tested on its best at the end)."""
     root = tmp_path_factory.mktemp("ct_cli")
-    out = _ok(run_cli("train.py", *BASE, "trainer.max_epochs=4", "trainer.deterministic=true",
+    out = cli_ok(run_cli("train.py", *BASE, "trainer.max_epochs=4", "trainer.deterministic=true",
                       "callbacks.model_checkpoint_periodic.every_n_epochs=1", f"paths.saved_models_dir={root}/full",
                       root=root, env=THREADS))  # fmt: skip
     return root, out
@@ -42,7 +36,7 @@ def test_resume_by_cli_override_matches_uninterrupted_run(full_run):
     root, _ = full_run
     epoch2 = root / "full" / "ct" / "3dcnn_epoch_2.pth"
     assert epoch2.is_file()
-    out = _ok(run_cli("train.py", *BASE, "trainer.max_epochs=4", "trainer.deterministic=true", "test=false",
+    out = cli_ok(run_cli("train.py", *BASE, "trainer.max_epochs=4", "trainer.deterministic=true", "test=false",
                       "callbacks.model_checkpoint_periodic.every_n_epochs=1", f"paths.saved_models_dir={root}/resumed",
                       f"ckpt_path={epoch2}", root=root, env=THREADS))  # fmt: skip
     assert "Restored all states from the checkpoint" in out
@@ -53,12 +47,7 @@ def test_resume_by_cli_override_matches_uninterrupted_run(full_run):
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     a = load_checkpoint(root / "full" / "ct" / "3dcnn_epoch_4.pth")
     b = load_checkpoint(resumed / "3dcnn_epoch_4.pth")
-    for k, v in a["model_state_dict"].items():
-        torch.testing.assert_close(b["model_state_dict"][k], v, rtol=1e-5, atol=1e-6)
-    for pid, state in a["optimizer_state_dict"]["state"].items():
-        torch.testing.assert_close(b["optimizer_state_dict"]["state"][pid]["exp_avg"], state["exp_avg"])
-    assert a["scheduler_state_dict"]["last_epoch"] == b["scheduler_state_dict"]["last_epoch"]
-    assert a["best_metric"] == pytest.approx(b["best_metric"])
+    assert_same_training_state(a, b)
     assert a["operating_point"]["threshold_at_target_sensitivity"] == pytest.approx(
         b["operating_point"]["threshold_at_target_sensitivity"]
     )
@@ -68,7 +57,7 @@ def test_evaluate_writes_auc_roc_and_sensitivity_specificity_table(full_run):
     root, out = full_run
     test_auc = float(re.search(r"│\s+test/auc\s+│\s+([0-9.]+)", out).group(1))
     ckpt = root / "full" / "ct" / "3dcnn_best.pth"
-    _ok(run_cli("evaluate.py", f"ckpt_path={ckpt}", root=root, env=THREADS))
+    cli_ok(run_cli("evaluate.py", f"ckpt_path={ckpt}", root=root, env=THREADS))
     (run,) = list((root / "outputs" / "evaluate" / "runs").iterdir())
     report = json.loads((run / "metrics.json").read_text())
     assert list(report["auc"]) == ["malignant"] and report["split"] == "test"
@@ -93,7 +82,7 @@ def test_evaluate_writes_auc_roc_and_sensitivity_specificity_table(full_run):
 @pytest.mark.usefixtures("samples_dir")
 def test_cross_validation_short_on_lidc_voi(tmp_path, samples_dir: Path):
     """The pipeline (one fold, a few steps) on the real crops; the figure itself is the full run's."""
-    _ok(run_cli("cross_validate.py", "experiment=ct_lidc_voi", "cv.folds=[0]", "cv.bootstrap=50",
+    cli_ok(run_cli("cross_validate.py", "experiment=ct_lidc_voi", "cv.folds=[0]", "cv.bootstrap=50",
                 "trainer.max_epochs=1", "trainer.limit_train_batches=3", "data.patch_size=16", "model.tta_flips=false",
                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", root=tmp_path,
                 env={"MEDENS_SAMPLES": str(samples_dir), **THREADS}))  # fmt: skip
@@ -120,7 +109,7 @@ def test_cross_validation_short_on_lidc_voi(tmp_path, samples_dir: Path):
 
 @pytest.mark.usefixtures("samples_dir")
 def test_cross_validation_seed_ensemble_keeps_the_folds(tmp_path, samples_dir: Path):
-    _ok(run_cli("cross_validate.py", "experiment=ct_lidc_voi", "cv.folds=[1]", "cv.seeds=[1,2]", "cv.bootstrap=0",
+    cli_ok(run_cli("cross_validate.py", "experiment=ct_lidc_voi", "cv.folds=[1]", "cv.seeds=[1,2]", "cv.bootstrap=0",
                 "trainer.max_epochs=1", "trainer.limit_train_batches=1", "data.patch_size=16", "model.tta_flips=false",
                 "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", root=tmp_path,
                 env={"MEDENS_SAMPLES": str(samples_dir), **THREADS}))  # fmt: skip
@@ -159,7 +148,7 @@ def test_bad_luna16_input_fails_clearly_or_is_skipped_and_counted(tmp_path):
     assert proc.returncode != 0
     assert "series 1.2.3.no.such.scan (row" in proc.stderr and "has no scan" in proc.stderr
 
-    out = _ok(run_cli("train.py", *common, "data.on_error=skip", root=tmp_path, env=THREADS))
+    out = cli_ok(run_cli("train.py", *common, "data.on_error=skip", root=tmp_path, env=THREADS))
     n_truncated = int((ann.seriesuid == truncated_uid).sum())
     skipped = int(re.search(r"(\d+) skipped \(on_error=skip\)", out).group(1))
     assert skipped == 1 + n_truncated

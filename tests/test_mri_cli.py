@@ -10,22 +10,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from medens.checkpoint import load_checkpoint
 from medens.data.mri import map_labels, resolve_label_map
 from medens.metrics.segmentation import segmentation_dice
-from tests.conftest import run_cli
+from tests.conftest import assert_same_training_state, cli_ok, run_cli
 from tests.test_mri_model import TINY_MRI
 
 COMMON = [*TINY_MRI, "trainer.max_epochs=3", "trainer.deterministic=true", "test=false", "logger=none",
           "callbacks.model_checkpoint_periodic.every_n_epochs=1"]  # fmt: skip
-
-
-def _ok(proc) -> str:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    return out
 
 
 def _eval_run(root: Path) -> Path:
@@ -37,7 +30,7 @@ def _eval_run(root: Path) -> Path:
 def full_run(tmp_path_factory) -> Path:
     """Three uninterrupted epochs of the tiny default experiment, through the CLI."""
     root = tmp_path_factory.mktemp("mri_cli")
-    _ok(run_cli("train.py", *COMMON, f"paths.saved_models_dir={root}/full", root=root))
+    cli_ok(run_cli("train.py", *COMMON, f"paths.saved_models_dir={root}/full", root=root))
     return root
 
 
@@ -45,7 +38,7 @@ def test_resume_by_cli_override_matches_uninterrupted_run(full_run):
     root = full_run
     epoch2 = root / "full" / "mri" / "unet_epoch_2.pth"
     assert epoch2.is_file()
-    out = _ok(run_cli("train.py", *COMMON, f"paths.saved_models_dir={root}/resumed", f"ckpt_path={epoch2}", root=root))
+    out = cli_ok(run_cli("train.py", *COMMON, f"paths.saved_models_dir={root}/resumed", f"ckpt_path={epoch2}", root=root))
     assert "Restored all states from the checkpoint" in out
     resumed = root / "resumed" / "mri"
     assert sorted(p.name for p in resumed.glob("*_epoch_*.pth")) == ["unet_epoch_3.pth"]  # continued at epoch 3
@@ -57,10 +50,7 @@ def test_resume_by_cli_override_matches_uninterrupted_run(full_run):
 
     a = load_checkpoint(root / "full" / "mri" / "unet_epoch_3.pth")
     b = load_checkpoint(resumed / "unet_epoch_3.pth")
-    for k, v in a["model_state_dict"].items():
-        torch.testing.assert_close(b["model_state_dict"][k], v, rtol=1e-5, atol=1e-6)
-    for pid, state in a["optimizer_state_dict"]["state"].items():
-        torch.testing.assert_close(b["optimizer_state_dict"]["state"][pid]["exp_avg"], state["exp_avg"])
+    assert_same_training_state(a, b)
     assert a["scheduler_state_dict"]["last_epoch"] == b["scheduler_state_dict"]["last_epoch"] == 3
     assert a["best_metric"] == pytest.approx(b["best_metric"]) and b["epoch"] == 3
 
@@ -68,7 +58,7 @@ def test_resume_by_cli_override_matches_uninterrupted_run(full_run):
 def test_evaluate_writes_metrics_aligned_nifti_and_pictures(full_run):
     root = full_run
     ckpt = root / "full" / "mri" / "unet_best.pth"
-    _ok(run_cli("evaluate.py", f"ckpt_path={ckpt}", "split=val", root=root))
+    cli_ok(run_cli("evaluate.py", f"ckpt_path={ckpt}", "split=val", root=root))
     run = _eval_run(root)
     report = json.loads((run / "metrics.json").read_text())
     assert report["split"] == "val" and report["n_cases"] == report["n_labelled"] == 1
@@ -103,7 +93,7 @@ def test_inference_on_brats2023_sample_writes_nifti_and_png(full_run, samples_di
     ckpt = root / "full" / "mri" / "unet_best.pth"
     env = {"MEDENS_SAMPLES": str(samples_dir)}
     # larger, non-overlapping windows than training's 32^3 patches: the real brain is ~140^3 voxels
-    _ok(run_cli("evaluate.py", f"ckpt_path={ckpt}", "data=brats2023", "+label_codes=medens",
+    cli_ok(run_cli("evaluate.py", f"ckpt_path={ckpt}", "data=brats2023", "+label_codes=medens",
                 "+inferer.roi_size=[96,96,96]", "+inferer.overlap=0.0", root=root, env=env))  # fmt: skip
     run = _eval_run(root)
     report = json.loads((run / "metrics.json").read_text())
@@ -122,7 +112,7 @@ def test_inference_on_brats2023_sample_writes_nifti_and_png(full_run, samples_di
 @pytest.mark.usefixtures("samples_dir")
 def test_real_brats2015_experiment_short(tmp_path, samples_dir: Path):
     env = {"MEDENS_SAMPLES": str(samples_dir)}
-    out = _ok(run_cli(
+    out = cli_ok(run_cli(
         "train.py", "experiment=mri_brats2015", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
         "data.samples_per_volume=1", "model.net.channels=[4,8,16]",
         "model.net.strides=[2,2]", "trainer.enable_progress_bar=false", "logger=none", root=tmp_path, env=env,
@@ -137,7 +127,7 @@ def test_real_brats2015_experiment_short(tmp_path, samples_dir: Path):
     assert len(history) == 1 and 0.0 <= history[0]["val/dice_wt"] <= 1.0
 
     # the held-out patient through evaluate.py: per-case Dice/HD95 in 2015 codes on the 240x240x155 grid
-    _ok(run_cli("evaluate.py", f"ckpt_path={folder / 'unet_best.pth'}", "split=val", root=tmp_path, env=env))
+    cli_ok(run_cli("evaluate.py", f"ckpt_path={folder / 'unet_best.pth'}", "split=val", root=tmp_path, env=env))
     run = _eval_run(tmp_path)
     report = json.loads((run / "metrics.json").read_text())
     ((cid, case),) = report["per_case"].items()
@@ -150,7 +140,7 @@ def test_real_brats2015_experiment_short(tmp_path, samples_dir: Path):
 
 
 def test_ddp_sim_one_val_case_on_two_ranks(tmp_path):
-    out = _ok(run_cli("train.py", *TINY_MRI, "trainer=ddp_sim", "trainer.max_epochs=1", "logger=none", root=tmp_path))
+    out = cli_ok(run_cli("train.py", *TINY_MRI, "trainer=ddp_sim", "trainer.max_epochs=1", "logger=none", root=tmp_path))
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out and "test/dice" in out
     assert set(re.findall(r"medens checkpoint written by rank (\d+)", out)) == {"0"}
     folder = tmp_path / "saved_models" / "mri"

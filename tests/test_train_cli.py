@@ -11,24 +11,18 @@ import torch
 import yaml
 
 from medens.checkpoint import load_checkpoint
-from tests.conftest import TINY_XRAY, run_cli
+from tests.conftest import TINY_XRAY, assert_same_training_state, cli_ok, run_cli
 
 BASE = ["experiment=xray", *TINY_XRAY]
-
-
-def _ok(proc) -> str:
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    return out
 
 
 def test_resume_by_cli_override_matches_uninterrupted_run(tmp_path):
     common = [*BASE, "trainer.max_epochs=7", "trainer.deterministic=true", "test=false", "logger=none",
               "callbacks.model_checkpoint_periodic.every_n_epochs=1"]  # fmt: skip
-    _ok(run_cli("train.py", *common, f"paths.saved_models_dir={tmp_path}/full", root=tmp_path))
+    cli_ok(run_cli("train.py", *common, f"paths.saved_models_dir={tmp_path}/full", root=tmp_path))
     epoch5 = tmp_path / "full" / "xray" / "resnet18_epoch_5.pth"
     assert epoch5.is_file()
-    out = _ok(run_cli("train.py", *common, f"paths.saved_models_dir={tmp_path}/resumed", f"ckpt_path={epoch5}", root=tmp_path))
+    out = cli_ok(run_cli("train.py", *common, f"paths.saved_models_dir={tmp_path}/resumed", f"ckpt_path={epoch5}", root=tmp_path))
     assert "Restored all states from the checkpoint" in out
 
     resumed = tmp_path / "resumed" / "xray"
@@ -41,12 +35,7 @@ def test_resume_by_cli_override_matches_uninterrupted_run(tmp_path):
 
     a = load_checkpoint(tmp_path / "full" / "xray" / "resnet18_epoch_7.pth")
     b = load_checkpoint(resumed / "resnet18_epoch_7.pth")
-    for k, v in a["model_state_dict"].items():
-        torch.testing.assert_close(b["model_state_dict"][k], v, rtol=1e-5, atol=1e-6)
-    for pid, state in a["optimizer_state_dict"]["state"].items():
-        torch.testing.assert_close(b["optimizer_state_dict"]["state"][pid]["exp_avg"], state["exp_avg"])
-    assert a["scheduler_state_dict"]["last_epoch"] == b["scheduler_state_dict"]["last_epoch"]
-    assert a["best_metric"] == pytest.approx(b["best_metric"])
+    assert_same_training_state(a, b)
     es_a = next(v for k, v in a["lightning"]["callbacks"].items() if k.startswith("EarlyStopping"))
     es_b = next(v for k, v in b["lightning"]["callbacks"].items() if k.startswith("EarlyStopping"))
     assert es_a["wait_count"] == es_b["wait_count"] and float(es_a["best_score"]) == pytest.approx(float(es_b["best_score"]))
@@ -57,7 +46,7 @@ def _rank_writes(out: str) -> list[str]:
 
 
 def test_ddp_sim_single_run(tmp_path):
-    out = _ok(run_cli("train.py", *BASE, "trainer=ddp_sim", "trainer.max_epochs=2", root=tmp_path))
+    out = cli_ok(run_cli("train.py", *BASE, "trainer=ddp_sim", "trainer.max_epochs=2", root=tmp_path))
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in out
     writes = _rank_writes(out)
     assert writes and set(writes) == {"0"}, "checkpoints must be written by rank 0 only"
@@ -72,7 +61,7 @@ def test_ddp_sim_single_run(tmp_path):
 
 
 def test_ddp_sim_inside_multirun_sweep(tmp_path):
-    out = _ok(run_cli("train.py", "-m", *BASE, "trainer=ddp_sim", "trainer.max_epochs=1", "test=false",
+    out = cli_ok(run_cli("train.py", "-m", *BASE, "trainer=ddp_sim", "trainer.max_epochs=1", "test=false",
                       "model.optimizer.lr=0.001,0.0003", root=tmp_path))  # fmt: skip
     assert set(_rank_writes(out)) == {"0"}
     (sweep,) = list((tmp_path / "outputs" / "xray" / "multiruns").iterdir())
@@ -87,7 +76,7 @@ def test_ddp_sim_inside_multirun_sweep(tmp_path):
 
 
 def test_multirun_jobs_do_not_overwrite_each_other(tmp_path):
-    _ok(run_cli("train.py", "-m", *BASE, "trainer.max_epochs=1", "test=false", "seed=1,2", root=tmp_path))
+    cli_ok(run_cli("train.py", "-m", *BASE, "trainer.max_epochs=1", "test=false", "seed=1,2", root=tmp_path))
     (sweep,) = list((tmp_path / "outputs" / "xray" / "multiruns").iterdir())
     a = load_checkpoint(sweep / "0" / "saved_models" / "xray" / "resnet18_best.pth")
     b = load_checkpoint(sweep / "1" / "saved_models" / "xray" / "resnet18_best.pth")
@@ -96,7 +85,7 @@ def test_multirun_jobs_do_not_overwrite_each_other(tmp_path):
 
 
 def test_optuna_sweep_two_trials_returns_best_val_auc(tmp_path):
-    _ok(run_cli("train.py", "hparams_search=xray_optuna", "hydra.sweeper.n_trials=2",
+    cli_ok(run_cli("train.py", "hparams_search=xray_optuna", "hydra.sweeper.n_trials=2",
                 "hydra.sweeper.sampler.n_startup_trials=2", *BASE, "trainer.max_epochs=1", "test=false",
                 root=tmp_path))  # fmt: skip
     (sweep,) = list((tmp_path / "outputs" / "xray" / "multiruns").iterdir())
@@ -107,10 +96,10 @@ def test_optuna_sweep_two_trials_returns_best_val_auc(tmp_path):
 
 
 def test_evaluate_writes_per_class_auc_and_roc(tmp_path):
-    out = _ok(run_cli("train.py", *BASE, "trainer.max_epochs=2", root=tmp_path))
+    out = cli_ok(run_cli("train.py", *BASE, "trainer.max_epochs=2", root=tmp_path))
     ckpt = tmp_path / "saved_models" / "xray" / "resnet18_best.pth"
     test_auc = float(re.search(r"│\s+test/auc\s+│\s+([0-9.]+)", out).group(1))
-    _ok(run_cli("evaluate.py", f"ckpt_path={ckpt}", root=tmp_path))
+    cli_ok(run_cli("evaluate.py", f"ckpt_path={ckpt}", root=tmp_path))
     (run,) = list((tmp_path / "outputs" / "evaluate" / "runs").iterdir())
     report = json.loads((run / "metrics.json").read_text())
     assert set(report["auc"]) >= {"Atelectasis", "Hernia"} and report["split"] == "test"
@@ -137,13 +126,13 @@ def test_unknown_key_in_a_yaml_file_is_an_error_naming_it(tmp_path):
 
 
 def test_debug_fast_dev_run(tmp_path):
-    out = _ok(run_cli("train.py", *BASE, "debug=fdr", root=tmp_path))
+    out = cli_ok(run_cli("train.py", *BASE, "debug=fdr", root=tmp_path))
     assert "Running in `fast_dev_run` mode" in out
 
 
 @pytest.mark.usefixtures("samples_dir")
 def test_real_nih_samples_experiment_short(tmp_path, samples_dir: Path):
-    out = _ok(run_cli("train.py", "experiment=xray_samples", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+    out = cli_ok(run_cli("train.py", "experiment=xray_samples", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
                       "data.image_size=64", "trainer.enable_progress_bar=false", root=tmp_path,
                       env={"MEDENS_SAMPLES": str(samples_dir)}))  # fmt: skip
     assert "test/auc" in out
