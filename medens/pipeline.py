@@ -1,55 +1,201 @@
-"""The main job: every configured stage, end to end, on the embedded synthetic default.
+"""The main job: generate the cohort, train the three base models, stack them, evaluate, report.
 
-Each stage composes `conf/train.yaml` with `experiment=<stage>`, trains, then evaluates its best
-checkpoint; one progress line per stage.
+Each model stage composes `conf/train.yaml` with `experiment=<experiments[stage]>` plus the cohort
+choice and any overrides, trains, then (base models) evaluates its best checkpoint on its test split.
+A stage is skipped when its outputs exist and a digest of its resolved config and of its inputs
+(the cohort's parameters, the base checkpoints' SHA-256 for the ensemble) matches the previous run;
+`force=true` or `force=[stage, ...]` reruns. One progress line per stage.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from medens.evaluation.evaluate import evaluate
-from medens.training.train import train
+from medens.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+STAGES = ("cohort", "xray", "ct", "mri", "ensemble")
+
+
+def _sha256(path: str | Path) -> str | None:
+    from medens.evaluation.evaluate import sha256_of
+
+    return sha256_of(path) if Path(path).is_file() else None
+
+
+def stage_digest(stage_cfg: DictConfig, run_dir: Path) -> str:
+    """Digest of what decides a stage's result: its resolved config (the run folder's timestamped path
+    masked) and the content of its inputs."""
+    resolved = OmegaConf.to_container(stage_cfg, resolve=True)
+    text = json.dumps(resolved, sort_keys=True, default=str).replace(str(run_dir), "<run>")
+    inputs: dict[str, Any] = {}
+    data = resolved.get("data") or {}
+    for m, spec in (data.get("base_models") or {}).items():
+        inputs[f"base.{m}"] = _sha256(spec.get("ckpt_path", ""))
+    cohort = resolved.get("cohort") or {}
+    if cohort.get("manifest"):
+        inputs["manifest"] = _sha256(cohort["manifest"])
+    return hashlib.sha256((text + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
+
+
+class StageStamps:
+    """`<log_dir>/main/stages/<stage>.json`: digest, outputs and summary of a stage's last success."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def read(self, stage: str) -> dict[str, Any] | None:
+        p = self.root / f"{stage}.json"
+        try:
+            return json.loads(p.read_text()) if p.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    def write(self, stage: str, digest: str, outputs: Sequence[str], summary: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        p = self.root / f"{stage}.json"
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"digest": digest, "outputs": list(outputs), "summary": summary}, indent=2))
+        os.replace(tmp, p)
+
+    def fresh(self, stage: str, digest: str) -> dict[str, Any] | None:
+        s = self.read(stage)
+        if (
+            s
+            and s.get("digest") == digest
+            and s.get("outputs")
+            and all(Path(o).exists() for o in s["outputs"])
+        ):
+            return s
+        return None
+
+
+def _forced(cfg: DictConfig, stage: str) -> bool:
+    force = cfg.get("force", False)
+    if isinstance(force, bool):
+        return force
+    return stage in list(force or [])
+
+
+def _compose_stage(cfg: DictConfig, stage: str, out_dir: Path) -> DictConfig:
+    experiments = cfg.get("experiments") or {}
+    if stage not in experiments:
+        raise ConfigError(f"stage {stage!r} has no entry in `experiments` ({sorted(experiments)})")
+    overrides = [f"experiment={experiments[stage]}", f"cohort={cfg.cohort}", f"paths.output_dir={out_dir}"]
+    overrides += list(cfg.get("common_overrides") or []) + list((cfg.get("overrides") or {}).get(stage) or [])
+    return compose(config_name="train", overrides=overrides)
+
+
+def _run_cohort(cfg: DictConfig, out_root: Path) -> tuple[DictConfig, dict[str, Any], list[str]]:
+    from medens.data.cohort.synthetic import ensure_synthetic_cohort
+
+    stage_cfg = compose(
+        config_name="train", overrides=[f"+cohort={cfg.cohort}", f"paths.output_dir={out_root / 'cohort'}"]
+    )
+    cohort = stage_cfg.cohort
+    if cohort.get("generate") and cohort.get("synthetic") is not None:
+        ensure_synthetic_cohort(cohort.root, **OmegaConf.to_container(cohort.synthetic, resolve=True))
+    if not Path(cohort.manifest).is_file():
+        raise ConfigError(f"cohort manifest {cohort.manifest} not found (cohort.generate is false)")
+    return stage_cfg, {"manifest": str(cohort.manifest), "root": str(cohort.root)}, [str(cohort.manifest)]
+
+
+def _run_model_stage(
+    cfg: DictConfig, stage: str, stage_cfg: DictConfig, out_dir: Path
+) -> tuple[dict[str, Any], list[str]]:
+    from medens.evaluation.evaluate import evaluate
+    from medens.training.train import train
+
+    metrics, objects = train(stage_cfg)
+    best = objects.get("best_checkpoint")
+    if not best:
+        raise RuntimeError(f"stage {stage}: training wrote no best checkpoint")
+    summary: dict[str, Any] = {"best_checkpoint": best, "best_val": metrics.get(f"best/{stage_cfg.monitor}")}
+    outputs = [best]
+    if stage == "ensemble":
+        report = out_dir / "report"
+        data = json.loads((report / "report.json").read_text())
+        summary.update(
+            report_dir=str(report),
+            weighted_average=str(
+                Path(stage_cfg.paths.saved_models_dir) / "ensemble" / "weighted_average.json"
+            ),
+            mean_auc=data["mean_auc"],
+            best_single=data["best_single"],
+            gain_over_best_single=data["gain_over_best_single"],
+        )
+        outputs += [summary["weighted_average"], str(report / "report.json")]
+    elif cfg.get("evaluate", True):
+        eval_dir = out_dir / "evaluation"
+        eval_cfg = OmegaConf.create(
+            {"ckpt_path": best, "split": "test", "device": "cpu", "paths": {"output_dir": str(eval_dir)}}
+        )
+        rep = evaluate(eval_cfg) or {}
+        summary.update(
+            report_dir=str(eval_dir), test_mean_auc=rep.get("mean_auc"), test_mean_dice=rep.get("mean_dice")
+        )
+    return summary, outputs
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run `cfg.stages` in order; returns {stage: summary}. Needs Hydra initialised (a Hydra app or
     `initialize_config_dir`) for `compose`."""
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
     out_root = Path(cfg.paths.output_dir)
+    stamps = StageStamps(Path(cfg.paths.log_dir) / "main" / "stages")
     summary: dict[str, Any] = {}
+    n = len(cfg.stages)
     for i, stage in enumerate(cfg.stages, start=1):
         t0 = time.perf_counter()
-        print(f"[{i}/{len(cfg.stages)}] {stage}: training ...", flush=True)
-        overrides = [f"experiment={stage}", f"paths.output_dir={out_root / stage}"]
-        overrides += list(cfg.get("overrides", {}).get(stage, []) or []) + list(cfg.get("common_overrides") or [])
-        stage_cfg = compose(config_name="train", overrides=overrides)
-        metrics, objects = train(stage_cfg)
-        best = objects.get("best_checkpoint")
-        report = None
-        if best:
-            eval_cfg = OmegaConf.create(
-                {"ckpt_path": best, "split": "test", "device": "cpu", "paths": {"output_dir": str(out_root / stage / "evaluation")}}
+        out_dir = out_root / stage
+        if stage == "cohort":
+            print(f"[{i}/{n}] cohort: generating / checking the cohort ...", flush=True)
+            stage_cfg, info, outputs = _run_cohort(cfg, out_root)
+            summary[stage] = {**info, "seconds": round(time.perf_counter() - t0, 1)}
+            print(
+                f"[{i}/{n}] cohort: ready in {time.perf_counter() - t0:.0f}s; manifest {info['manifest']}",
+                flush=True,
             )
-            report = evaluate(eval_cfg)
+            continue
+        stage_cfg = _compose_stage(cfg, stage, out_dir)
+        digest = stage_digest(stage_cfg, out_dir)
+        prior = None if _forced(cfg, stage) else stamps.fresh(stage, digest)
+        if prior is not None:
+            summary[stage] = {**prior["summary"], "skipped": True, "seconds": 0.0}
+            print(
+                f"[{i}/{n}] {stage}: up to date, skipped (force=[{stage}] reruns); {prior['summary'].get('best_checkpoint')}",
+                flush=True,
+            )
+            continue
+        print(f"[{i}/{n}] {stage}: training ({stage_cfg.task_name}) ...", flush=True)
+        result, outputs = _run_model_stage(cfg, stage, stage_cfg, out_dir)
         seconds = time.perf_counter() - t0
-        summary[stage] = {
-            "best_checkpoint": best,
-            "best_val": metrics.get(f"best/{stage_cfg.monitor}"),
-            "test_mean_auc": (report or {}).get("mean_auc"),
-            "report_dir": str(out_root / stage / "evaluation"),
-            "seconds": round(seconds, 1),
-        }
+        result["seconds"] = round(seconds, 1)
+        stamps.write(stage, stage_digest(stage_cfg, out_dir), outputs, result)
+        summary[stage] = result
+        extra = ""
+        if stage == "ensemble":
+            extra = (
+                f"; meta-learner mean AUC {result['mean_auc']['meta_learner']:.3f} vs best single "
+                f"{result['best_single']['method']} {result['best_single']['mean_auc']:.3f}; report {result['report_dir']}"
+            )
+        elif result.get("report_dir"):
+            extra = f"; report {result['report_dir']}"
         print(
-            f"[{i}/{len(cfg.stages)}] {stage}: done in {seconds:.0f}s; best {stage_cfg.monitor} "
-            f"{summary[stage]['best_val']}; report {summary[stage]['report_dir']}",
+            f"[{i}/{n}] {stage}: done in {seconds:.0f}s; best {stage_cfg.monitor} {result['best_val']}{extra}",
             flush=True,
         )
     return summary

@@ -13,6 +13,20 @@ from torch import nn
 from medens.checkpoint.io import MEDENS_KEY
 
 
+def seen_patients(datamodule: Any) -> list[str] | None:
+    """Patients a model trains or is selected on (train + val), recorded in its checkpoint so that a
+    later stage (the stacking ensemble) can prove it never evaluates on them."""
+    if not hasattr(datamodule, "split_patient_ids"):
+        return None
+    seen: set[str] = set()
+    for split in ("train", "val"):
+        try:
+            seen |= {str(p) for p in datamodule.split_patient_ids(split)}
+        except (KeyError, RuntimeError, ValueError):
+            return None
+    return sorted(seen)
+
+
 class MedensModule(pl.LightningModule):
     """Base LightningModule: holds the bare network as `self.net` and fills the checkpoint keys.
 
@@ -73,6 +87,9 @@ class MedensModule(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "io_contract"):
             self.io_contract = dm.io_contract()
+            seen = seen_patients(dm)
+            if seen is not None:
+                self.io_contract["seen_patients"] = seen
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if self.compile_net and stage == "fit":
@@ -88,7 +105,11 @@ class MedensModule(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval, "monitor": self.monitor},
+            "lr_scheduler": {
+                "scheduler": scheduler,
+                "interval": self.scheduler_interval,
+                "monitor": self.monitor,
+            },
         }
 
     def update_best(self, value: float) -> None:

@@ -35,6 +35,16 @@ def _hydra_job_paths(cfg: DictConfig) -> None:
             cfg.paths.saved_models_dir = str(Path(hc.runtime.output_dir) / "saved_models")
 
 
+def _ensure_cohort(cfg: DictConfig) -> None:
+    """Generate the synthetic multi-modal cohort first when the experiment runs on it (`cohort.generate`)."""
+    cohort = cfg.get("cohort")
+    if cohort and cohort.get("generate") and cohort.get("synthetic") is not None:
+        from medens.data.cohort.synthetic import ensure_synthetic_cohort
+
+        if ensure_synthetic_cohort(cohort.root, **OmegaConf.to_container(cohort.synthetic, resolve=True)):
+            log.info("generated the synthetic cohort at %s", cohort.root)
+
+
 def _best_checkpoint(trainer: pl.Trainer, monitor: str) -> str | None:
     for cb in trainer.checkpoint_callbacks:
         if isinstance(cb, ModelCheckpoint) and cb.monitor == monitor and cb.best_model_path:
@@ -55,6 +65,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     validate_config(cfg)
     _hydra_job_paths(cfg)
+    _ensure_cohort(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
 

@@ -21,7 +21,7 @@ HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 TRAIN_KEYS = {
     "task_name", "tags", "seed", "train", "test", "ckpt_path", "optimized_metric", "data", "model",
     "callbacks", "logger", "trainer", "paths", "extras", "stage", "notes", "modality", "monitor",
-    "monitor_mode",
+    "monitor_mode", "cohort",
 }  # fmt: skip
 
 

@@ -156,10 +156,14 @@ def _render_nodule(
     return margin, texture
 
 
-def _make_scan(
-    p: dict[str, Any], rng: np.random.Generator
+def make_scan(
+    p: dict[str, Any], rng: np.random.Generator, malignant_prob: float | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
-    """One scan (HU, indexed [i, j, k]), its origin, and its nodules (centres in world mm)."""
+    """One scan (HU, indexed [i, j, k]), its origin, and its nodules (centres in world mm).
+
+    ``malignant_prob`` (the multi-modal cohort's per-patient risk) replaces the set-wide fractions:
+    every nodule of the scan is then malignant with that probability and none is indeterminate.
+    """
     shape = np.asarray(p["scan_shape"])
     spacing = np.asarray(p["spacing_mm"])
     extent = (shape - 1) * spacing
@@ -188,10 +192,9 @@ def _make_scan(
     nodules: list[dict[str, Any]] = []
     for n in range(p["nodules_per_patient"]):
         u = rng.random()
-        indeterminate = u < p["indeterminate_fraction"]
-        malignant = (
-            bool(rng.random() < p["malignant_fraction"]) if not indeterminate else bool(rng.random() < 0.5)
-        )
+        indeterminate = u < p["indeterminate_fraction"] and malignant_prob is None
+        frac = p["malignant_fraction"] if malignant_prob is None else malignant_prob
+        malignant = bool(rng.random() < frac) if not indeterminate else bool(rng.random() < 0.5)
         diameter = float(rng.uniform(6, 18) if malignant else rng.uniform(5, 16))
         score = 3 if indeterminate else int(rng.choice([4, 5]) if malignant else rng.choice([1, 2]))
         for _ in range(200):
@@ -215,46 +218,66 @@ def _make_scan(
     return hu, origin, nodules
 
 
-def _write_set(out: Path, p: dict[str, Any]) -> None:
-    import pandas as pd
+def write_metaimage(hu: np.ndarray, origin: np.ndarray, spacing: Sequence[float], path: Path) -> None:
+    """An int16 HU volume indexed [i, j, k] as an uncompressed `.mhd`/`.raw` pair, identity direction."""
     import SimpleITK as sitk
 
+    image = sitk.GetImageFromArray(hu.transpose(2, 1, 0))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetOrigin(tuple(float(o) for o in origin))
+    image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(image, str(path), useCompression=False)
+
+
+def nodule_rows(
+    uid: str, patient: str, nodules: Sequence[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """LUNA16 `annotations.csv` rows and medens `labels.csv` rows for one scan's nodules."""
+    ann_rows, lab_rows = [], []
+    for n, q in enumerate(nodules):
+        x, y, z = (round(float(v), 4) for v in q["world"])
+        d = round(q["diameter"], 3)
+        ann_rows.append({"seriesuid": uid, "coordX": x, "coordY": y, "coordZ": z, "diameter_mm": d})
+        lab_rows.append(
+            {
+                "seriesuid": uid,
+                "patient_id": patient,
+                "nodule_id": n + 1,
+                "coordX": x,
+                "coordY": y,
+                "coordZ": z,
+                "diameter_mm": d,
+                "malignancy": q["malignancy"],
+                "margin": q["margin"],
+                "texture": q["texture"],
+            }
+        )
+    return ann_rows, lab_rows
+
+
+def write_luna16_tables(out: Path, ann_rows: list[dict[str, Any]], lab_rows: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    pd.DataFrame(ann_rows, columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]).to_csv(
+        out / "annotations.csv", index=False
+    )
+    pd.DataFrame(lab_rows).to_csv(out / "labels.csv", index=False)
+
+
+def _write_set(out: Path, p: dict[str, Any]) -> None:
     scans_dir = out / "subset0"
     scans_dir.mkdir(parents=True)
     ann_rows, lab_rows = [], []
     children = np.random.SeedSequence(p["seed"]).spawn(p["n_patients"])
     for i, child in enumerate(children):
         rng = np.random.default_rng(child)
-        hu, origin, nodules = _make_scan(p, rng)
+        hu, origin, nodules = make_scan(p, rng)
         uid = f"{UID_ROOT}.{p['seed']}.{i + 1}"
-        patient = f"SYN-{i + 1:04d}"
-        image = sitk.GetImageFromArray(hu.transpose(2, 1, 0))
-        image.SetSpacing(tuple(p["spacing_mm"]))
-        image.SetOrigin(tuple(float(o) for o in origin))
-        image.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-        sitk.WriteImage(image, str(scans_dir / f"{uid}.mhd"), useCompression=False)
-        for n, q in enumerate(nodules):
-            x, y, z = (round(float(v), 4) for v in q["world"])
-            d = round(q["diameter"], 3)
-            ann_rows.append({"seriesuid": uid, "coordX": x, "coordY": y, "coordZ": z, "diameter_mm": d})
-            lab_rows.append(
-                {
-                    "seriesuid": uid,
-                    "patient_id": patient,
-                    "nodule_id": n + 1,
-                    "coordX": x,
-                    "coordY": y,
-                    "coordZ": z,
-                    "diameter_mm": d,
-                    "malignancy": q["malignancy"],
-                    "margin": q["margin"],
-                    "texture": q["texture"],
-                }
-            )
-    pd.DataFrame(ann_rows, columns=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]).to_csv(
-        out / "annotations.csv", index=False
-    )
-    pd.DataFrame(lab_rows).to_csv(out / "labels.csv", index=False)
+        write_metaimage(hu, origin, p["spacing_mm"], scans_dir / f"{uid}.mhd")
+        a, lab = nodule_rows(uid, f"SYN-{i + 1:04d}", nodules)
+        ann_rows += a
+        lab_rows += lab
+    write_luna16_tables(out, ann_rows, lab_rows)
     with open(out / PARAMS_FILE, "w") as fh:
         json.dump(p, fh, indent=2)
 

@@ -290,6 +290,10 @@ class BraTSDataModule(L.LightningDataModule):
             raise ConfigError(f"split '{split}' is not one of {list(SPLITS)}")
         return list(self._splits[split])
 
+    def split_patient_ids(self, split: str) -> set[str]:
+        """Patients of a split (follow-up cases of one patient share it)."""
+        return {patient_id_from_case(c, self.patient_id_pattern) for c in self.split_case_ids(split)}
+
     # ------------------------------------------------------------------ lifecycle
     def prepare_data(self) -> None:
         """Rank-0 work that writes files: synthetic generation and the disk cache."""

@@ -84,10 +84,14 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return (f - f.mean()) / (f.std() + 1e-8)
 
 
-def _make_case(
-    rng: np.random.Generator, shape: tuple[int, int, int]
+def make_case(
+    rng: np.random.Generator, shape: tuple[int, int, int], tumour_size: float | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """One case: intensity volumes per modality and boolean tumour-part masks."""
+    """One case: intensity volumes per modality and boolean tumour-part masks.
+
+    ``tumour_size`` in [0, 1] (the multi-modal cohort's per-patient burden) sets the tumour core radius
+    within the usual range instead of drawing it.
+    """
     s = np.asarray(shape, dtype=np.float32)
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
     low = _smooth_noise(rng, shape, sigma=max(shape) / 10)
@@ -106,7 +110,8 @@ def _make_case(
         csf |= ((((grid - c[:, None, None, None]) / r[:, None, None, None]) ** 2).sum(0)) < 1.0
 
     # tumour: core radius r, enhancing rim, oedema out to `edema_factor * r`, borders perturbed
-    r = float(min(shape)) * rng.uniform(0.14, 0.2)
+    u = rng.uniform(0.0, 1.0) if tumour_size is None else float(np.clip(tumour_size, 0.0, 1.0))
+    r = float(min(shape)) * (0.14 + 0.06 * u)
     offset = rng.uniform(-1, 1, 3)
     offset = offset / max(np.linalg.norm(offset), 1e-6) * rng.uniform(0.15, 0.45)
     t_center = b_center + offset * b_radii
@@ -138,7 +143,7 @@ def _make_case(
     return images, {"ncr": necrosis, "et": enhancing, "ed": edema}
 
 
-def _write_case(
+def write_case(
     folder: Path,
     case_id: str,
     images: dict[str, np.ndarray],
@@ -158,6 +163,14 @@ def _write_case(
     img = nib.Nifti1Image(seg, affine)
     img.set_qform(affine, code=1)
     nib.save(img, str(folder / f"{case_id}{suffix['seg']}.nii.gz"))
+
+
+def brats_affine(spacing: Sequence[float], shape: Sequence[int]) -> np.ndarray:
+    """BraTS-like orientation (LPS voxel axes, as the real release)."""
+    sx, sy, sz = (float(v) for v in spacing)
+    return np.array(
+        [[-sx, 0, 0, 0], [0, -sy, 0, (shape[1] - 1) * sy], [0, 0, sz, 0], [0, 0, 0, 1]], dtype=np.float64
+    )
 
 
 def read_marker(out_dir: str | Path) -> dict[str, Any] | None:
@@ -200,17 +213,13 @@ def generate_brats_synthetic(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        sx, sy, sz = params["spacing"]
         shp = tuple(params["shape"])
-        # BraTS-like orientation (LPS voxel axes, as the real release)
-        affine = np.array(
-            [[-sx, 0, 0, 0], [0, -sy, 0, (shp[1] - 1) * sy], [0, 0, sz, 0], [0, 0, 0, 1]], dtype=np.float64
-        )
+        affine = brats_affine(params["spacing"], shp)
         for i in range(params["n_cases"]):
             rng = np.random.default_rng([params["seed"], i])
             case_id = f"BraTS2021_{i:05d}" if naming == "2021" else f"BraTS-GLI-{i:05d}-000"
-            images, parts = _make_case(rng, shp)  # type: ignore[arg-type]
-            _write_case(tmp / case_id, case_id, images, parts, params["naming"], affine)
+            images, parts = make_case(rng, shp)  # type: ignore[arg-type]
+            write_case(tmp / case_id, case_id, images, parts, params["naming"], affine)
         (tmp / MARKER_FILE).write_text(json.dumps(params, indent=2, sort_keys=True))
         old = None
         if out.exists():

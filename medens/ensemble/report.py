@@ -1,0 +1,133 @@
+"""The stacking stage's report: each base model, the weighted average and the meta-learner on the
+same held-out cases, per target AUC with patient-bootstrap 95% intervals, ROC curves, Markdown/HTML."""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+log = logging.getLogger(__name__)
+
+
+def bootstrap_auc(y: np.ndarray, score: np.ndarray, n: int = 1000, seed: int = 0) -> dict[str, float]:
+    """AUC and its percentile 95% interval over `n` case resamples (one case = one patient here)."""
+    ok = np.isfinite(y) & np.isfinite(score)
+    y, score = y[ok].astype(int), score[ok]
+    if len(y) == 0 or y.min() == y.max():
+        return {"auc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": int(len(y))}
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() != y[idx].max():
+            stats.append(roc_auc_score(y[idx], score[idx]))
+    lo, hi = np.percentile(stats, [2.5, 97.5]) if stats else (np.nan, np.nan)
+    return {
+        "auc": float(roc_auc_score(y, score)),
+        "ci_low": float(lo),
+        "ci_high": float(hi),
+        "n": int(len(y)),
+    }
+
+
+def plot_roc(y: Mapping[str, np.ndarray], scores: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> None:
+    """One panel per target, one curve per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(y)
+    fig, axes = plt.subplots(1, len(targets), figsize=(5 * len(targets), 4.6), squeeze=False)
+    for ax, t in zip(axes[0], targets, strict=True):
+        for method, s in scores[t].items():
+            ok = np.isfinite(y[t]) & np.isfinite(s)
+            if ok.sum() and 0 < y[t][ok].sum() < ok.sum():
+                fpr, tpr, _ = roc_curve(y[t][ok], s[ok])
+                ax.plot(fpr, tpr, lw=2.2 if method == "meta_learner" else 1.3,
+                        label=f"{method} ({roc_auc_score(y[t][ok], s[ok]):.3f})")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(title=t, xlabel="1 - specificity", ylabel="sensitivity")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(r: Mapping[str, float]) -> str:
+    if r["auc"] != r["auc"]:
+        return "n/a"
+    return f"{r['auc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+
+
+def write_report(out_dir: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
+    """`report.json`, `report.md` and `report.html` from the summary built by the report callback."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = summary["methods"]
+    targets = summary["targets"]
+    lines = [
+        "# Stacking ensemble report",
+        "",
+        f"Held-out cases: {summary['n_test']} patients (split `test`, never seen by a base model or the "
+        f"meta-learner's training); AUC with patient-bootstrap 95% intervals ({summary['n_bootstrap']} resamples).",
+        "",
+        "| method | " + " | ".join(targets) + " | mean AUC |",
+        "|---" * (len(targets) + 2) + "|",
+    ]
+    for m in methods:
+        row = summary["auc"][m]
+        lines.append(
+            f"| {m} | " + " | ".join(_fmt(row[t]) for t in targets) + f" | {summary['mean_auc'][m]:.3f} |"
+        )
+    best = summary["best_single"]
+    lines += [
+        "",
+        f"Best single modality: **{best['method']}** (mean AUC {best['mean_auc']:.3f}). "
+        f"Meta-learner: **{summary['mean_auc']['meta_learner']:.3f}** "
+        f"({summary['gain_over_best_single']:+.3f}); weighted average: {summary['mean_auc']['weighted_average']:.3f}.",
+        "",
+        "Base-model scores per target (what each single modality contributes, and what the weighted "
+        "average combines): " + "; ".join(f"{k}: {v}" for k, v in summary["sources"].items()) + ".",
+        "",
+        f"Missing modalities among held-out cases: {summary['missing_test']}.",
+        "",
+        f"Weighted-average weights ({summary['weighted_average']['objective']}): "
+        + "; ".join(
+            f"{t}: " + ", ".join(f"{m} {w:.2f}" for m, w in v["weights"].items())
+            for t, v in summary["weighted_average"]["targets"].items()
+        ),
+        "",
+        "![ROC curves](roc_curves.png)",
+        "",
+    ]
+    if summary.get("oracle_auc"):
+        lines.insert(-2, "Ceiling (the hidden disease state the synthetic cohort was drawn from): "
+                     + ", ".join(f"{t} {v:.3f}" for t, v in summary["oracle_auc"].items()) + ".")  # fmt: skip
+        lines.insert(-2, "")
+    md = "\n".join(lines)
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
+    paths["json"].write_text(json.dumps(summary, indent=2, default=float))
+    paths["md"].write_text(md)
+    rows = "".join(
+        "<tr><td>" + html.escape(m) + "</td>"
+        + "".join(f"<td>{html.escape(_fmt(summary['auc'][m][t]))}</td>" for t in targets)
+        + f"<td><b>{summary['mean_auc'][m]:.3f}</b></td></tr>"
+        for m in methods
+    )  # fmt: skip
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in targets)
+    paths["html"].write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>medens ensemble report</title>"
+        "<style>body{font-family:sans-serif;max-width:60em}td,th{padding:4px 10px;border-bottom:1px solid #ccc}</style>"
+        f"</head><body><h1>Stacking ensemble report</h1><p>{summary['n_test']} held-out patients; AUC [95% CI]</p>"
+        f"<table><tr><th>method</th>{head}<th>mean AUC</th></tr>{rows}</table>"
+        f"<p>Meta-learner vs best single modality ({html.escape(best['method'])}): "
+        f"{summary['gain_over_best_single']:+.3f} mean AUC.</p><img src='roc_curves.png' width='100%'></body></html>"
+    )
+    return paths
