@@ -17,3 +17,11 @@ class ConfigError(MedensError, ValueError):
 
 class CheckpointError(MedensError, ValueError):
     """A checkpoint is unreadable, of the wrong format, or does not fit the network it is loaded into."""
+
+
+class ExportError(MedensError, RuntimeError):
+    """An export could not be written or did not reproduce the eager network within tolerance."""
+
+
+class RegistryError(MedensError):
+    """A checkpoint version is invalid, taken or tampered with, or the MLflow store cannot be used."""

@@ -2,6 +2,7 @@
 
 from medens.callbacks.checkpoint import MedensModelCheckpoint
 from medens.callbacks.history import TrainingHistory
+from medens.callbacks.mlflow_artifacts import MLflowArtifacts
 from medens.callbacks.reseed import BatchReseed
 
-__all__ = ["BatchReseed", "MedensModelCheckpoint", "TrainingHistory"]
+__all__ = ["BatchReseed", "MLflowArtifacts", "MedensModelCheckpoint", "TrainingHistory"]

@@ -44,6 +44,7 @@ class EnsembleReport(Callback):
         target_sources: Mapping[str, Mapping[str, Sequence[str]]],
         objective: str = "auc",
         grid_step: float = 0.02,
+        auc_tolerance: float = 0.005,
         n_bootstrap: int = 1000,
         seed: int = 0,
         min_gain: float | None = None,
@@ -53,6 +54,7 @@ class EnsembleReport(Callback):
         self.target_sources = {t: {m: list(v) for m, v in s.items()} for t, s in target_sources.items()}
         self.objective = objective
         self.grid_step = grid_step
+        self.auc_tolerance = auc_tolerance
         self.n_bootstrap = n_bootstrap
         self.seed = seed
         self.min_gain = min_gain
@@ -93,6 +95,7 @@ class EnsembleReport(Callback):
 
         wa_json: dict[str, Any] = {
             "objective": self.objective,
+            "search": {"grid_step": self.grid_step, "auc_tolerance": self.auc_tolerance if self.objective == "auc" else None},
             "fit_on": {
                 "split": "meta (meta-train + meta-val): cases no base model trained on",
                 "n_patients": int(len(fit)),
@@ -113,7 +116,7 @@ class EnsembleReport(Callback):
             sources = self._sources(target, dm)
             raw_fit = source_scores(fit, sources)
             fitted = fit_weighted_average(
-                raw_fit, fit[target].to_numpy(float), self.objective, self.grid_step
+                raw_fit, fit[target].to_numpy(float), self.objective, self.grid_step, self.auc_tolerance
             )
             value = fitted["fit_objective_value"]
             wa_json["targets"][target] = {

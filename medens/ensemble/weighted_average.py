@@ -73,7 +73,7 @@ def source_scores(frame: Any, sources: Mapping[str, Sequence[str]]) -> np.ndarra
 
 
 def fit_weighted_average(
-    raw: np.ndarray, y: np.ndarray, objective: str = "auc", step: float = 0.02
+    raw: np.ndarray, y: np.ndarray, objective: str = "auc", step: float = 0.02, auc_tolerance: float = 0.005
 ) -> dict[str, Any]:
     """Calibrate each source and find simplex weights; returns weights, calibrators and the fit score."""
     if objective not in OBJECTIVES:
@@ -85,7 +85,15 @@ def fit_weighted_average(
     k = probs.shape[1]
     grid = simplex_grid(k, step) if k > 1 else np.ones((1, 1))
     scores = np.array([_objective(combine(probs, w), y, objective) for w in grid])
-    best = grid[int(np.argmax(scores))]
+    if objective == "auc":
+        # AUC is a step function: an uninformative source (calibrated to a near constant) can win a
+        # grid point by chance. Weights within `auc_tolerance` of the best AUC count as tied and the
+        # tie goes to the best log-loss, so weight lands on sources that carry signal
+        tied = np.flatnonzero(scores >= scores.max() - auc_tolerance)
+        ll = [_objective(combine(probs, grid[i]), y, "log_loss") for i in tied]
+        best = grid[int(tied[int(np.argmax(ll))])]
+    else:
+        best = grid[int(np.argmax(scores))]
     if objective == "log_loss" and k > 1:  # refine around the grid optimum on a finer local grid
         local = best[None, :] + (simplex_grid(k, step / 4) - 1.0 / k) * step * 2
         local = np.clip(local, 0, None)

@@ -99,7 +99,7 @@ def load_manifest(
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(
-                f"{_where(path, i, df['patient_id'].iloc[i])}: target {t!r} is {df[t].iloc[i]!r}; expected 0, 1 or empty"
+                f"{_where(path, i, df['patient_id'].iloc[i])}: target {t!r} is {str(df[t].iloc[i])!r}; expected 0, 1 or empty"
             )
         df[t] = vals.astype(float)
     root = path.parent
