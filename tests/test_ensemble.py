@@ -126,6 +126,10 @@ def _datamodule(root: Path, **overrides):
             "mri": {"ckpt_path": str(sm / "mri" / "unet_best.pth")},
         },
         cache_dir=None,
+        # the pipeline's split seed, so meta-train (and the feature scaling) match the trained meta-learner
+        seed=torch.load(sm / "ensemble" / "meta_learner.pth", weights_only=True)["hyperparameters"]["data"][
+            "seed"
+        ],
     )
     kwargs.update(overrides)
     return EnsembleDataModule(**kwargs)
@@ -359,3 +363,74 @@ def test_cohort_generator_is_deterministic_and_refuses_foreign_folders(tmp_path:
         generate_synthetic_cohort(foreign, **kw)
     assert (foreign / "keep.txt").read_text() == "data"
     shutil.rmtree(a)
+
+
+# -- the whole ensemble as one module, and its traced export -----------------------------------------
+def test_stacked_ensemble_matches_the_stacking_stage_features(pipeline_root: Path):
+    from medens.data.cohort.manifest import load_manifest
+    from medens.data.xray import build_transforms, load_xray_image
+    from medens.ensemble.network import build_stacked_ensemble
+
+    ens, info = build_stacked_ensemble(pipeline_root / "saved_models" / "ensemble" / "meta_learner.pth")
+    assert info["modalities"] == ["xray", "ct", "mri"] and info["targets"] == TARGETS
+    dm = _datamodule(pipeline_root)
+    dm.setup("fit")
+    manifest = load_manifest(dm.manifest_path, TARGETS)
+    row = manifest[manifest["xray_path"].notna() & manifest["split"].isin(["meta", "test"])].iloc[0]
+    xb = dm.base["xray"]
+    data = xb.hyperparameters["data"]
+    x = build_transforms(int(data["image_size"]), int(data["channels"]), str(data["normalize"]), None)(
+        load_xray_image(Path(row["xray_path"]))
+    )[None]
+    np.testing.assert_allclose(ens.heads["xray"](x)[0].numpy(), xb.features(row), atol=1e-6)
+    # X-ray only (CT and MRI marked missing): the same probabilities as the meta-learner on the
+    # stacking stage's own input vector for that case with those modalities missing
+    frame = dm.frames["train"].iloc[:0]
+    feats = dm.frames["train"].iloc[[0]].copy()
+    for name, value in zip(xb.feature_names, xb.features(row), strict=True):
+        feats[name] = value
+    for m in ("ct", "mri"):
+        feats[[n for n in dm.feature_names if n.startswith(m + ".")]] = np.nan
+        feats[f"missing.{m}"] = 1.0
+    feats["missing.xray"] = 0.0
+    expected = torch.sigmoid(ens.mlp(torch.from_numpy(dm.inputs(pd.concat([frame, feats])))))
+    ct_shape, mri_shape = info["input_shapes"]["ct"], info["input_shapes"]["mri"]
+    got = ens(x, torch.zeros(1, *ct_shape), torch.zeros(1, *mri_shape), torch.tensor([[1.0, 0.0, 0.0]]))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_ensemble_traced_export_runs_without_medens(pipeline_root: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from medens.ensemble.network import build_stacked_ensemble, example_inputs
+
+    out = cli_ok(
+        run_cli("export.py", "targets=[ensemble_traced]", root=pipeline_root, env={"OMP_NUM_THREADS": "1"})
+    )
+    assert "ensemble_traced" in out
+    path = pipeline_root / "saved_models" / "exports" / "ensemble_traced.pt"
+    manifest = json.loads((path.parent / "manifest.json").read_text())["exports"]["ensemble_traced"]
+    assert manifest["verification"]["passed"] and [
+        c["batch_size"] for c in manifest["verification"]["checks"]
+    ] == [1, 3]
+    ens, info = build_stacked_ensemble(pipeline_root / "saved_models" / "ensemble" / "meta_learner.pth")
+    inputs = list(example_inputs(info, batch=4, seed=7))
+    inputs[3] = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    expected = ens(*inputs).numpy()
+    for i, t in enumerate(inputs):
+        np.save(tmp_path / f"in{i}.npy", t.numpy())
+    code = (
+        "import sys, numpy as np, torch\n"
+        f"m = torch.jit.load({str(path)!r})\n"
+        f"x = [torch.from_numpy(np.load({str(tmp_path)!r} + f'/in{{i}}.npy')) for i in range(4)]\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, m(*x).numpy())\n"
+        "assert not any(k.startswith('medens') for k in sys.modules)\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-4, rtol=1e-3)

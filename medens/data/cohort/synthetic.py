@@ -6,7 +6,7 @@ shows only its own factor, through the same renderers as the single-modality gen
 - X-ray (NIH PNG + ``Data_Entry_2017.csv``): Mass, Nodule and Effusion are present with a probability
   rising with ``a_xray``; the other findings follow the usual NIH-like prevalence.
 - CT (LUNA16 ``.mhd``/``.raw`` + annotations): every nodule of the scan is malignant with probability
-  ``sigmoid(2.5 * a_ct)``; the manifest points at the first (index) nodule.
+  ``sigmoid(3 * a_ct)``; the manifest points at the first (index) nodule.
 - MRI (BraTS 2021 naming): the tumour's size rises with ``a_mri``.
 
 The patient-level targets mix the factors (plus noise), so no single modality can reach what the
@@ -39,7 +39,7 @@ from medens.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 STAMP_FILE = "cohort.json"
 MANIFEST_FILE = "manifest.csv"
 SPLITS = ("base", "meta", "test")
@@ -53,7 +53,7 @@ DEFAULT_TARGETS: dict[str, dict[str, Any]] = {
 
 
 def cohort_params(
-    n_patients: int = 400,
+    n_patients: int = 500,
     seed: int = 0,
     split_fractions: Mapping[str, float] | None = None,
     missing_rate: float = 0.08,
@@ -66,7 +66,7 @@ def cohort_params(
     targets: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The normalised, JSON-able parameters (recorded in ``cohort.json`` and compared on reuse)."""
-    fractions = dict(split_fractions or {"base": 0.5, "meta": 0.25, "test": 0.25})
+    fractions = dict(split_fractions or {"base": 0.4, "meta": 0.35, "test": 0.25})
     if set(fractions) != set(SPLITS) or any(v <= 0 for v in fractions.values()):
         raise ConfigError(f"cohort split_fractions needs positive {list(SPLITS)}, got {fractions}")
     total = sum(fractions.values())
@@ -178,7 +178,7 @@ def _write(tmp: Path, p: dict[str, Any]) -> None:
         if not missing[i, 1]:
             scans = tmp / part / "ct" / "subset0"
             scans.mkdir(parents=True, exist_ok=True)
-            hu, origin, nodules = ct_synth.make_scan(ct_p, prng, malignant_prob=_sigmoid(2.5 * latent[i, 1]))
+            hu, origin, nodules = ct_synth.make_scan(ct_p, prng, malignant_prob=_sigmoid(3.0 * latent[i, 1]))
             uid = f"{ct_synth.UID_ROOT}.{p['seed']}.9{i + 1}"
             ct_synth.write_metaimage(hu, origin, ct_p["spacing_mm"], scans / f"{uid}.mhd")
             a, lab = ct_synth.nodule_rows(uid, pid, nodules)
@@ -189,7 +189,7 @@ def _write(tmp: Path, p: dict[str, Any]) -> None:
             row["ct_diameter_mm"] = a[0]["diameter_mm"]
         # MRI: tumour size follows the MRI factor
         if not missing[i, 2]:
-            images_mri, parts = mri_synth.make_case(prng, mri_shape, tumour_size=_sigmoid(1.6 * latent[i, 2]))
+            images_mri, parts = mri_synth.make_case(prng, mri_shape, tumour_size=_sigmoid(2.0 * latent[i, 2]))
             mri_synth.write_case(tmp / part / "mri" / pid, pid, images_mri, parts, "2021", affine)
             row["mri_path"] = f"{part}/mri/{pid}"
         for name, y in targets.items():

@@ -110,8 +110,10 @@ def make_case(
         csf |= ((((grid - c[:, None, None, None]) / r[:, None, None, None]) ** 2).sum(0)) < 1.0
 
     # tumour: core radius r, enhancing rim, oedema out to `edema_factor * r`, borders perturbed
-    u = rng.uniform(0.0, 1.0) if tumour_size is None else float(np.clip(tumour_size, 0.0, 1.0))
-    r = float(min(shape)) * (0.14 + 0.06 * u)
+    if tumour_size is None:
+        r = float(min(shape)) * rng.uniform(0.14, 0.2)
+    else:  # a wider, graded range: the cohort's tumour burden
+        r = float(min(shape)) * (0.10 + 0.12 * float(np.clip(tumour_size, 0.0, 1.0)))
     offset = rng.uniform(-1, 1, 3)
     offset = offset / max(np.linalg.norm(offset), 1e-6) * rng.uniform(0.15, 0.45)
     t_center = b_center + offset * b_radii
@@ -119,7 +121,7 @@ def make_case(
     rt = np.sqrt((((grid - t_center[:, None, None, None]) / t_radii[:, None, None, None]) ** 2).sum(0))
     rt = rt * (1 + 0.12 * _smooth_noise(rng, shape, sigma=max(2.0, r / 2)))
     necrosis_frac = rng.uniform(0.5, 0.72)
-    edema_factor = rng.uniform(1.4, 1.9)
+    edema_factor = rng.uniform(1.4, 1.9) if tumour_size is None else 1.55 + rng.uniform(-0.1, 0.1)
     necrosis = (rt < necrosis_frac) & brain
     enhancing = (rt >= necrosis_frac) & (rt < 1.0) & brain
     edema = (rt >= 1.0) & (rt < edema_factor * (1 + 0.15 * low)) & brain
