@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
+# no usage reports from MLflow or DVC (an offline machine; set them yourself to opt in)
+export MLFLOW_DISABLE_TELEMETRY="${MLFLOW_DISABLE_TELEMETRY:-true}" DVC_NO_ANALYTICS="${DVC_NO_ANALYTICS:-1}"
 if [ -z "${MEDENS_SAMPLES:-}" ] && [ -d ../shared/data ]; then
     MEDENS_SAMPLES=$(cd ../shared/data && pwd)
     export MEDENS_SAMPLES

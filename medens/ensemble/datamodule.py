@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from medens.data.cohort.manifest import MODALITY_COLUMNS, load_manifest
+from medens.data.loaders import make_loader
 from medens.data.splits import split_by_patient_list
 from medens.ensemble.base_models import FrozenBaseModel, load_frozen_base_model
 from medens.ensemble.features import cached_base_features, missing_column, standardise
@@ -212,12 +213,13 @@ class EnsembleDataModule(pl.LightningDataModule):
         return out
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+        return make_loader(
             self.datasets[split],
-            batch_size=self.batch_size,
+            self.batch_size,
             shuffle=shuffle,
-            generator=g if shuffle else None,
+            seed=self.seed,
+            trainer=self.trainer,
+            drop_last=shuffle,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from medens.data.mri import synthetic as mri_synth
 from medens.data.synthetic_xray import render_chest, sample_findings
 from medens.data.xray import NIH_LABELS, NO_FINDING
 from medens.errors import ConfigError, DataError
+from medens.utils.atomic import replace_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ DEFAULT_TARGETS: dict[str, dict[str, Any]] = {
 
 
 def cohort_params(
-    n_patients: int = 500,
+    n_patients: int = 600,
     seed: int = 0,
     split_fractions: Mapping[str, float] | None = None,
     missing_rate: float = 0.08,
@@ -66,7 +65,7 @@ def cohort_params(
     targets: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The normalised, JSON-able parameters (recorded in ``cohort.json`` and compared on reuse)."""
-    fractions = dict(split_fractions or {"base": 0.4, "meta": 0.35, "test": 0.25})
+    fractions = dict(split_fractions or {"base": 0.35, "meta": 0.4, "test": 0.25})
     if set(fractions) != set(SPLITS) or any(v <= 0 for v in fractions.values()):
         raise ConfigError(f"cohort split_fractions needs positive {list(SPLITS)}, got {fractions}")
     total = sum(fractions.values())
@@ -238,21 +237,12 @@ def generate_synthetic_cohort(out_dir: str | os.PathLike, **params: Any) -> Path
         raise DataError(
             f"{out}: exists and is not a medens synthetic cohort (no {STAMP_FILE}); not overwriting"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+
+    def build(tmp: Path) -> None:
         _write(tmp, p)
         (tmp / STAMP_FILE).write_text(json.dumps(p, indent=2, sort_keys=True))
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    replace_folder_atomically(out, build)
     log.info("synthetic cohort written to %s (%d patients)", out, p["n_patients"])
     return out
 

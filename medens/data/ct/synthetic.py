@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 from medens.errors import DataError
+from medens.utils.atomic import replace_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -325,20 +324,7 @@ def generate_luna16_synthetic(
         raise DataError(
             f"{out}: exists and is not a medens synthetic CT set (no {PARAMS_FILE}); not overwriting"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        _write_set(tmp, p)
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, trash)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    replace_folder_atomically(out, lambda tmp: _write_set(tmp, p))
     log.info("synthetic CT set written to %s (%d patients)", out, p["n_patients"])
     return out
 

@@ -22,9 +22,6 @@ Output is a deterministic function of the arguments.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from medens.errors import ConfigError
+from medens.utils.atomic import replace_folder_atomically
 
 MARKER_FILE = "medens_synthetic.json"
 GENERATOR_VERSION = 1
@@ -212,27 +210,18 @@ def generate_brats_synthetic(
             )
         if not overwrite:
             raise ConfigError(f"{out} already holds a synthetic set; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        shp = tuple(params["shape"])
-        affine = brats_affine(params["spacing"], shp)
+    shp = tuple(params["shape"])
+    affine = brats_affine(params["spacing"], shp)
+
+    def build(tmp: Path) -> None:
         for i in range(params["n_cases"]):
             rng = np.random.default_rng([params["seed"], i])
             case_id = f"BraTS2021_{i:05d}" if naming == "2021" else f"BraTS-GLI-{i:05d}-000"
             images, parts = make_case(rng, shp)  # type: ignore[arg-type]
             write_case(tmp / case_id, case_id, images, parts, params["naming"], affine)
         (tmp / MARKER_FILE).write_text(json.dumps(params, indent=2, sort_keys=True))
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    replace_folder_atomically(out, build)
     return out
 
 
