@@ -88,8 +88,17 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(root: Path) -> tuple[Path, dict]:
-    """`scripts/export.py` with its defaults: the four default targets from the default checkpoint paths."""
-    out = cli_ok(run_cli("export.py", root=root, timeout=300, env={"OMP_NUM_THREADS": "1"}))
+    """`scripts/export.py` with its default checkpoint paths and the four network targets (the default
+    `ensemble_traced` needs a trained ensemble: tests/test_ensemble.py covers it)."""
+    out = cli_ok(
+        run_cli(
+            "export.py",
+            f"targets=[{','.join(TARGETS)}]",
+            root=root,
+            timeout=300,
+            env={"OMP_NUM_THREADS": "1"},
+        )
+    )
     assert "ct_onnx:" in out
     out_dir = root / "saved_models/exports"
     return out_dir, json.loads((out_dir / "manifest.json").read_text())
