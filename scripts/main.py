@@ -16,6 +16,9 @@ def main(cfg: DictConfig) -> None:
     summary = run_pipeline(cfg)
     out = Path(cfg.paths.output_dir) / "summary.json"
     out.write_text(json.dumps(summary, indent=2))
+    report = (summary.get("ensemble") or {}).get("report_dir")
+    if report:
+        print(f"ensemble report: {report}/report.md (and report.html, roc_curves.png)")
     print(f"saved models: {cfg.paths.saved_models_dir}\nsummary: {out}")
 
 
