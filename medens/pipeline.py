@@ -184,7 +184,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         result, outputs = _run_model_stage(cfg, stage, stage_cfg, out_dir)
         seconds = time.perf_counter() - t0
         result["seconds"] = round(seconds, 1)
-        stamps.write(stage, stage_digest(stage_cfg, out_dir), outputs, result)
+        stamps.write(stage, digest, outputs, result)
         summary[stage] = result
         extra = ""
         if stage == "ensemble":

@@ -86,6 +86,7 @@ class EnsembleDataModule(pl.LightningDataModule):
         self.base: dict[str, FrozenBaseModel] = {}
         self.frames: dict[str, pd.DataFrame] = {}
         self.feature_names: list[str] = []
+        self.indicator_names: list[str] = []
         self.mean: np.ndarray | None = None
         self.std: np.ndarray | None = None
         self.datasets: dict[str, TensorDataset] = {}
