@@ -7,7 +7,6 @@ another dataset instead.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -27,16 +26,12 @@ from medens.evaluation.classification import (
     plot_roc_curves,
     threshold_for_sensitivity,
 )
+from medens.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
 
-def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_of = sha256_file  # the name evaluation reports and older callers use
 
 
 def build_from_checkpoint(
@@ -135,7 +130,9 @@ def evaluate_classifier(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     if pred["probs"].shape[1] == 1:  # binary (CT): sensitivity/specificity table
-        table = binary_operating_table(ckpt, pred["probs"][:, 0], pred["targets"][:, 0], cfg.get("thresholds"))
+        table = binary_operating_table(
+            ckpt, pred["probs"][:, 0], pred["targets"][:, 0], cfg.get("thresholds")
+        )
         report["operating_points"] = table
         pd.DataFrame(table).to_csv(out_dir / "operating_points.csv", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
@@ -146,7 +143,13 @@ def evaluate_classifier(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for i, n in enumerate(names):
         frame[f"target_{n}"] = pred["targets"][:, i]
     frame.to_csv(out_dir / "predictions.csv", index=False)
-    log.info("mean AUC %.4f on %d %s cases -> %s", report["mean_auc"] or np.nan, report["n_cases"], cfg.split, out_dir)
+    log.info(
+        "mean AUC %.4f on %d %s cases -> %s",
+        report["mean_auc"] or np.nan,
+        report["n_cases"],
+        cfg.split,
+        out_dir,
+    )
     return report
 
 

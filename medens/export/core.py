@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import tempfile
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from medens.errors import ExportError
+from medens.utils.hashing import sha256_file  # noqa: F401 (part of medens.export's API)
 
 KINDS = ("torchscript_trace", "torchscript_script", "onnx", "torch_export")
 ONNX_EXPORTERS = ("dynamo", "legacy")
@@ -72,15 +72,6 @@ class ExportResult:
         out["max_abs_diff"] = self.max_abs_diff
         out["load_with"] = LOADERS[self.kind]
         return out
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file (manifests pin exports and their source checkpoints with it)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- ONNX opsets

@@ -29,6 +29,7 @@ from typing import IO, Any, Protocol
 
 from medens.errors import CheckpointError, RegistryError
 from medens.registry.semver import BUMPS, NO_VERSION, SEMVER_PATTERN, SemVer
+from medens.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +165,6 @@ def next_version(
                 f"version {target} already exists: {what}{same}; versions are never overwritten"
             )
     return target
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_json(obj: Any) -> str:

@@ -38,6 +38,7 @@ from medens.data.ct.geometry import (
 from medens.data.ct.labels import NoduleRecord
 from medens.data.ct.sources import ErrorPolicy
 from medens.errors import DataError
+from medens.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +75,7 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def hash_file(path: Path) -> str:
-    """sha256 of a file's bytes (label tables: small, and their content decides the records)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+hash_file = sha256_file  # label tables: small, and their content decides the records
 
 
 def fingerprint_tree(
