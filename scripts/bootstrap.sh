@@ -12,6 +12,6 @@ stamp=.venv/.medens-install-stamp
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[dev,mlflow,export,dvc]"
+    .venv/bin/python -m pip install --quiet -e ".[dev,mlflow,export,dvc,cluster,serve]"
     echo "$want" > "$stamp"
 fi
