@@ -19,6 +19,10 @@ class CheckpointError(MedensError, ValueError):
     """A checkpoint is unreadable, of the wrong format, or does not fit the network it is loaded into."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A config read from a file names a callable or value that rebuilding it must never run or accept."""
+
+
 class ExportError(MedensError, RuntimeError):
     """An export could not be written or did not reproduce the eager network within tolerance."""
 

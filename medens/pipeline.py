@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from medens.callbacks.preemption import Preempted
 from medens.errors import ConfigError
+from medens.utils.jsonio import dumps_strict
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,34 @@ class StageStamps:
         self.root.mkdir(parents=True, exist_ok=True)
         p = self.root / f"{stage}.json"
         tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"digest": digest, "outputs": list(outputs), "summary": summary}, indent=2))
+        tmp.write_text(dumps_strict({"digest": digest, "outputs": list(outputs), "summary": summary}))  # no NaN
         os.replace(tmp, p)
+
+    def start(self, stage: str, digest: str) -> None:
+        """Record that `stage` started with `digest`: if it is interrupted, the next run with the same digest
+        resumes it from its `<name>_last.pth` (see `resume_point`)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        p = self.root / f"{stage}.running.json"
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"digest": digest, "pid": os.getpid(), "started": time.time()}))
+        os.replace(tmp, p)
+
+    def done(self, stage: str) -> None:
+        (self.root / f"{stage}.running.json").unlink(missing_ok=True)
+
+    def resume_point(self, stage: str, digest: str, stage_cfg: DictConfig) -> Path | None:
+        """The interrupted run's `<name>_last.pth` when `stage` last started with this same digest."""
+        from medens.training.run_ownership import find_resume_point
+
+        p = self.root / f"{stage}.running.json"
+        try:
+            running = json.loads(p.read_text()) if p.is_file() else None
+        except (OSError, ValueError):
+            running = None
+        if not running or running.get("digest") != digest:
+            return None
+        folder = Path(str(stage_cfg.paths.saved_models_dir)) / str(stage_cfg.modality)
+        return find_resume_point(folder, str(stage_cfg.model.name))
 
     def fresh(self, stage: str, digest: str) -> dict[str, Any] | None:
         s = self.read(stage)
@@ -122,6 +150,7 @@ def _run_model_stage(
     if not best:
         raise RuntimeError(f"stage {stage}: training wrote no best checkpoint")
     summary: dict[str, Any] = {"best_checkpoint": best, "best_val": metrics.get(f"best/{stage_cfg.monitor}")}
+    summary.update(data_wait_fraction=metrics.get("perf/data_wait_fraction"), images_per_s=metrics.get("perf/images_per_s"))
     outputs = [best]
     if stage == "ensemble":
         report = out_dir / "report"
@@ -155,6 +184,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; stages are {list(STAGES)}")
     out_root = Path(cfg.paths.output_dir)
+    from medens.training.validation import validate_config
+
+    for stage in [s for s in cfg.stages if s != "cohort"]:  # every stage's keys and values, before any work
+        validate_config(_compose_stage(cfg, stage, out_root / stage))
     stamps = StageStamps(Path(cfg.paths.log_dir) / "main" / "stages")
     summary: dict[str, Any] = {}
     n = len(cfg.stages)
@@ -180,8 +213,21 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                 flush=True,
             )
             continue
-        print(f"[{i}/{n}] {stage}: training ({stage_cfg.task_name}) ...", flush=True)
-        result, outputs = _run_model_stage(cfg, stage, stage_cfg, out_dir)
+        resume = stamps.resume_point(stage, digest, stage_cfg)
+        with open_dict(stage_cfg):
+            # the main job decided this stage reruns: its result replaces the canonical best (run_ownership.py)
+            stage_cfg.publish = "always"
+            if resume is not None:
+                stage_cfg.ckpt_path = str(resume)
+        how = f"resuming the interrupted stage from {resume}" if resume is not None else "training"
+        print(f"[{i}/{n}] {stage}: {how} ({stage_cfg.task_name}) ...", flush=True)
+        stamps.start(stage, digest)
+        try:
+            result, outputs = _run_model_stage(cfg, stage, stage_cfg, out_dir)
+        except Preempted as exc:
+            print(f"[{i}/{n}] {stage}: preempted; the next run resumes it from {exc.path}", flush=True)
+            raise
+        stamps.done(stage)
         seconds = time.perf_counter() - t0
         result["seconds"] = round(seconds, 1)
         stamps.write(stage, digest, outputs, result)
@@ -194,6 +240,8 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
             )
         elif result.get("report_dir"):
             extra = f"; report {result['report_dir']}"
+        if result.get("data_wait_fraction") is not None:  # last training epoch (medens.callbacks.data_wait)
+            extra = f"; data wait {100 * result['data_wait_fraction']:.0f}% ({result['images_per_s']:.0f} img/s){extra}"
         print(
             f"[{i}/{n}] {stage}: done in {seconds:.0f}s; best {stage_cfg.monitor} {result['best_val']}{extra}",
             flush=True,

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from medens.pipeline import run_pipeline
+from medens.utils.jsonio import dumps_strict
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="main")
 def main(cfg: DictConfig) -> None:
     summary = run_pipeline(cfg)
     out = Path(cfg.paths.output_dir) / "summary.json"
-    out.write_text(json.dumps(summary, indent=2))
+    out.write_text(dumps_strict(summary))  # strict JSON: NaN -> null
     report = (summary.get("ensemble") or {}).get("report_dir")
     if report:
         print(f"ensemble report: {report}/report.md (and report.html, roc_curves.png)")

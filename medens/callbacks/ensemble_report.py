@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,18 +19,45 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from medens.ensemble.report import bootstrap_auc, plot_roc, write_report
+from medens.ensemble.report import plot_roc, write_report
 from medens.ensemble.weighted_average import apply_weighted_average, fit_weighted_average, source_scores
 from medens.errors import ConfigError
+from medens.evaluation.statistics import (
+    PatientBootstrap,
+    bootstrap_info,
+    paired_auc_comparison,
+    weighted_auc,
+)
+from medens.utils.jsonio import write_json_strict
 
 log = logging.getLogger(__name__)
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+    write_json_strict(path, obj)  # atomic, and no NaN ever reaches the file
+
+
+def score_methods(
+    y: np.ndarray, scores: Mapping[str, np.ndarray], patient_ids: Any, n_resamples: int, seed: int
+) -> dict[str, dict[str, Any]]:
+    """AUC with a patient-bootstrap interval of every method on exactly the same patients (those with a
+    label for this target) and the same resamples; a method with a missing score is an error, never a
+    silently smaller set of patients."""
+    known = np.isfinite(y)
+    for m, s in scores.items():
+        bad = known & ~np.isfinite(s)
+        if bad.any():
+            raise ValueError(f"ensemble report: method {m!r} has no score for {int(bad.sum())} labelled patient(s)")
+    nan = {"auc": None, "ci_low": None, "ci_high": None, "n": int(known.sum())}
+    if known.sum() < 2 or len(np.unique(y[known])) < 2:
+        return {m: dict(nan) for m in scores}
+    boot = PatientBootstrap(np.asarray(patient_ids)[known], n_resamples, seed, what="ensemble report")
+    yk = y[known] == 1
+    out = {}
+    for m, s in scores.items():
+        r = boot.interval(lambda w, s=s[known]: weighted_auc(yk, s, w))
+        out[m] = {"auc": r["value"], "ci_low": r["ci_low"], "ci_high": r["ci_high"], "n": int(known.sum())}
+    return out
 
 
 class EnsembleReport(Callback):
@@ -105,7 +131,8 @@ class EnsembleReport(Callback):
                 },
             },
             "combination": "sum_k w_k * sigmoid(coef_k * score_k + intercept_k) over the sources present, "
-            "weights renormalised when one is missing; score_k = mean of the listed base-model outputs",
+            "weights renormalised when one is missing; score_k = mean of the listed base-model outputs; "
+            "a patient with every source missing gets all_missing_output (the fit patients' prevalence)",
             "targets": {},
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -116,7 +143,8 @@ class EnsembleReport(Callback):
             sources = self._sources(target, dm)
             raw_fit = source_scores(fit, sources)
             fitted = fit_weighted_average(
-                raw_fit, fit[target].to_numpy(float), self.objective, self.grid_step, self.auc_tolerance
+                raw_fit, fit[target].to_numpy(float), self.objective, self.grid_step, self.auc_tolerance,
+                target=target,
             )
             value = fitted["fit_objective_value"]
             wa_json["targets"][target] = {
@@ -125,6 +153,7 @@ class EnsembleReport(Callback):
                 "calibration": dict(zip(sources, fitted["calibration"], strict=True)),
                 "fit_" + self.objective: value if self.objective == "auc" else -value,
                 "n_fit": fitted["n_fit"],
+                "all_missing_output": fitted["all_missing_output"],
             }
             raw_test = source_scores(test, sources)
             fill = np.nanmean(raw_fit, axis=0)
@@ -138,13 +167,30 @@ class EnsembleReport(Callback):
             y[target] = test[target].to_numpy(float)
         _atomic_json(self.weighted_average_path, wa_json)
 
-        auc = {
-            m: {t: bootstrap_auc(y[t], scores[t][m], self.n_bootstrap, self.seed) if m in scores[t] else
-                {"auc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0} for t in dm.targets}
-            for m in methods
-        }  # fmt: skip
-        mean_auc = {m: float(np.nanmean([auc[m][t]["auc"] for t in dm.targets])) for m in methods}
-        single = max(dm.base, key=lambda m: mean_auc[m])
+        pids = test["patient_id"].to_numpy()
+        auc: dict[str, dict[str, Any]] = {m: {} for m in methods}
+        for t in dm.targets:
+            scored = score_methods(y[t], scores[t], pids, self.n_bootstrap, self.seed)
+            for m in methods:
+                auc[m][t] = scored.get(m, {"auc": None, "ci_low": None, "ci_high": None, "n": 0})
+
+        def _mean(m: str) -> float:
+            vals = [auc[m][t]["auc"] for t in dm.targets if auc[m][t]["auc"] is not None]
+            return float(np.mean(vals)) if vals else float("nan")
+
+        mean_auc = {m: _mean(m) for m in methods}
+        single = max(dm.base, key=lambda m: -np.inf if np.isnan(mean_auc[m]) else mean_auc[m])
+        comparison: dict[str, Any] = {}
+        for t in dm.targets:
+            known = np.isfinite(y[t])
+            comparison[t] = {}
+            if known.sum() < 2 or len(np.unique(y[t][known])) < 2 or single not in scores[t]:
+                continue
+            for m in ("meta_learner", "weighted_average"):
+                comparison[t][m] = paired_auc_comparison(
+                    y[t][known], scores[t][m][known], scores[t][single][known], pids[known],
+                    self.n_bootstrap, self.seed,
+                )  # fmt: skip
         summary: dict[str, Any] = {
             "targets": list(dm.targets),
             "methods": methods,
@@ -154,6 +200,8 @@ class EnsembleReport(Callback):
             "gain_over_best_single": mean_auc["meta_learner"] - mean_auc[single],
             "n_test": int(len(test)),
             "n_bootstrap": self.n_bootstrap,
+            "bootstrap": bootstrap_info(self.n_bootstrap, self.seed),
+            "vs_best_single": comparison,
             "missing_test": {m: int(test[f"missing.{m}"].sum()) for m in dm.base},
             "sources": {t: {m: v for m, v in wa_json["targets"][t]["sources"].items()} for t in dm.targets},
             "weighted_average": {"objective": self.objective, "targets": wa_json["targets"]},

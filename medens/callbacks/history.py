@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -13,6 +12,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from medens.utils.jsonio import dumps_strict
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -70,7 +71,7 @@ class TrainingHistory(Callback):
 
     def write(self) -> None:
         doc = {"epochs": self.history, **self.extra}
-        atomic_write_text(self.path, json.dumps(doc, indent=2))
+        atomic_write_text(self.path, dumps_strict(doc))  # strict JSON: an undefined metric is null, never NaN
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from medens.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "medens-checkpoint/1"
+#: Seconds to pause between writing a checkpoint's temp file and renaming it (tests of kill -9 only).
+SAVE_DELAY_ENV = "MEDENS_TEST_SAVE_DELAY_S"
 NET_PREFIX = "net."
 # Keys the LightningModule puts under checkpoint["medens"]; they become top-level keys of the file.
 MEDENS_KEY = "medens"
@@ -36,7 +39,9 @@ _LIGHTNING_MAPPED = {"state_dict", "optimizer_states", "lr_schedulers", MEDENS_K
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save` to a temporary file in the same folder, fsync, then rename over `path`.
 
-    A crash mid-write leaves the previous file intact, never a truncated one.
+    A crash mid-write leaves the previous file intact, never a truncated one; the temporary name
+    (`.<name>.<random>.tmp`) never ends in `.pth`, so it is never taken for a checkpoint, and the next run in
+    the folder (or `scripts/housekeeping.py action=clean`) removes it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +51,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if delay := os.environ.get(SAVE_DELAY_ENV):  # tests only: widen the window a kill -9 lands mid-save
+            time.sleep(float(delay))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,7 +113,10 @@ class MedensCheckpointIO(TorchCheckpointIO):
         log.info("medens checkpoint written by rank %s: %s", rank_zero_only.rank, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        ckpt = load_checkpoint(path)
+        from medens.checkpoint.safe_build import load_checkpoint_verified, validate_checkpoint
+
+        ckpt = load_checkpoint_verified(path)  # resume from a versioned file: SHA-256 checked
+        validate_checkpoint(ckpt, path)  # checkpoints are data, never code
         return medens_to_lightning(ckpt, path)
 
 

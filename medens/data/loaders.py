@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
+from medens.data.resumable import ResumableDataLoader
 from medens.utils.seeding import EpochShuffleSampler, SeededItems
 
 
@@ -32,7 +33,7 @@ def make_loader(
     sampler = EpochShuffleSampler(dataset, seed=seed, shuffle=shuffle, num_replicas=world, rank=rank)
     # Dropping a ragged last batch avoids BatchNorm on a single sample; never drop the only batch.
     drop_last = drop_last and len(sampler) > batch_size
-    return DataLoader(
+    return ResumableDataLoader(  # resumes mid-epoch exactly (medens/data/resumable.py)
         SeededItems(dataset),
         batch_size=batch_size,
         sampler=sampler,

@@ -14,15 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf, open_dict
 from torch import nn
 
-from medens.checkpoint.io import load_checkpoint, load_network_weights
+from medens.checkpoint.safe_build import (
+    checkpoint_modality,
+    load_checkpoint_verified,
+    rebuild_module,
+    validate_checkpoint,
+)
 from medens.errors import CheckpointError
 from medens.evaluation.evaluate import sha256_of
 
@@ -172,20 +175,14 @@ def load_frozen_base_model(modality: str, ckpt_path: str | Path) -> FrozenBaseMo
         raise CheckpointError(
             f"{path}: {modality} base checkpoint not found (set ensemble.base_models.{modality}.ckpt_path)"
         )
-    ckpt = load_checkpoint(path)
-    hyper = ckpt.get("hyperparameters") or {}
+    ckpt = load_checkpoint_verified(path)
+    hyper = validate_checkpoint(ckpt, path)  # checkpoints are data, never code
     if "model" not in hyper or "data" not in hyper:
         raise CheckpointError(f"{path}: no model/data config in 'hyperparameters'; not a medens checkpoint")
-    found = hyper.get("modality") or (hyper.get("io_contract") or {}).get("modality")
+    found = checkpoint_modality(hyper)
     if found != modality:
         raise CheckpointError(f"{path}: a {found!r} checkpoint was given as the {modality!r} base model")
-    model_cfg = OmegaConf.create(hyper["model"])
-    if "pretrained_path" in model_cfg.get("net", {}):
-        with open_dict(model_cfg):
-            model_cfg.net.pretrained_path = None
-    module = hydra.utils.instantiate(model_cfg)
-    load_network_weights(module.net, ckpt, strict=True)
-    module.io_contract = hyper.get("io_contract", {})
+    module = rebuild_module(ckpt, path, modality)
     module.eval()
     module.requires_grad_(False)
     contract = hyper.get("io_contract") or {}

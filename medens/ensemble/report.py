@@ -4,8 +4,8 @@ same held-out cases, per target AUC with patient-bootstrap 95% intervals, ROC cu
 from __future__ import annotations
 
 import html
-import json
 import logging
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,26 +13,26 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from medens.evaluation.statistics import PatientBootstrap, weighted_auc
+from medens.utils.jsonio import write_json_strict
+
 log = logging.getLogger(__name__)
 
 
 def bootstrap_auc(y: np.ndarray, score: np.ndarray, n: int = 1000, seed: int = 0) -> dict[str, float]:
-    """AUC and its percentile 95% interval over `n` case resamples (one case = one patient here)."""
+    """AUC and its percentile 95% interval over `n` case resamples (one case = one patient here);
+    the same resampling as every other medens interval (medens.evaluation.statistics)."""
     ok = np.isfinite(y) & np.isfinite(score)
     y, score = y[ok].astype(int), score[ok]
-    if len(y) == 0 or y.min() == y.max():
+    if len(y) < 2 or y.min() == y.max():
         return {"auc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": int(len(y))}
-    rng = np.random.default_rng(seed)
-    stats = []
-    for _ in range(n):
-        idx = rng.integers(0, len(y), len(y))
-        if y[idx].min() != y[idx].max():
-            stats.append(roc_auc_score(y[idx], score[idx]))
-    lo, hi = np.percentile(stats, [2.5, 97.5]) if stats else (np.nan, np.nan)
+    boot = PatientBootstrap(np.arange(len(y)), n, seed, what="ensemble AUC")
+    r = boot.interval(lambda w: weighted_auc(y == 1, score, w))
+    nan = float("nan")
     return {
         "auc": float(roc_auc_score(y, score)),
-        "ci_low": float(lo),
-        "ci_high": float(hi),
+        "ci_low": nan if r["ci_low"] is None else r["ci_low"],
+        "ci_high": nan if r["ci_high"] is None else r["ci_high"],
         "n": int(len(y)),
     }
 
@@ -61,10 +61,31 @@ def plot_roc(y: Mapping[str, np.ndarray], scores: Mapping[str, Mapping[str, np.n
     plt.close(fig)
 
 
-def _fmt(r: Mapping[str, float]) -> str:
-    if r["auc"] != r["auc"]:
+def _num(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _fmt(r: Mapping[str, Any]) -> str:
+    if r.get("auc") is None or not math.isfinite(r["auc"]):
         return "n/a"
-    return f"{r['auc']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+    lo, hi = _num(r.get("ci_low")), _num(r.get("ci_high"))
+    return f"{r['auc']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _comparison_lines(summary: Mapping[str, Any]) -> list[str]:
+    """'Ensemble vs best single model' per target: DeLong p-value and paired bootstrap interval."""
+    lines = []
+    best = summary["best_single"]["method"]
+    for t, per in (summary.get("vs_best_single") or {}).items():
+        for m, c in per.items():
+            bd, dl = c["bootstrap_difference"], c.get("delong") or {}
+            p = dl.get("p_value")
+            lines.append(
+                f"- {t}: {m} - {best}: AUC difference {_num(bd['value']):+.3f}, paired patient bootstrap 95% CI "
+                f"[{_num(bd['ci_low']):+.3f}, {_num(bd['ci_high']):+.3f}], DeLong p = "
+                + ("n/a" if p is None else f"{p:.3g}")
+            )
+    return lines
 
 
 def write_report(out_dir: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
@@ -84,14 +105,19 @@ def write_report(out_dir: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
     for m in methods:
         row = summary["auc"][m]
         lines.append(
-            f"| {m} | " + " | ".join(_fmt(row[t]) for t in targets) + f" | {summary['mean_auc'][m]:.3f} |"
+            f"| {m} | " + " | ".join(_fmt(row[t]) for t in targets) + f" | {_num(summary['mean_auc'][m]):.3f} |"
         )
     best = summary["best_single"]
     lines += [
         "",
-        f"Best single modality: **{best['method']}** (mean AUC {best['mean_auc']:.3f}). "
-        f"Meta-learner: **{summary['mean_auc']['meta_learner']:.3f}** "
-        f"({summary['gain_over_best_single']:+.3f}); weighted average: {summary['mean_auc']['weighted_average']:.3f}.",
+        f"Best single modality: **{best['method']}** (mean AUC {_num(best['mean_auc']):.3f}). "
+        f"Meta-learner: **{_num(summary['mean_auc']['meta_learner']):.3f}** "
+        f"({_num(summary['gain_over_best_single']):+.3f}); weighted average: "
+        f"{_num(summary['mean_auc']['weighted_average']):.3f}.",
+        "",
+        "Ensemble vs best single model on the same patients (same bootstrap resamples):",
+        "",
+        *_comparison_lines(summary),
         "",
         "Base-model scores per target (what each single modality contributes, and what the weighted "
         "average combines): " + "; ".join(f"{k}: {v}" for k, v in summary["sources"].items()) + ".",
@@ -113,12 +139,12 @@ def write_report(out_dir: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
         lines.insert(-2, "")
     md = "\n".join(lines)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
-    paths["json"].write_text(json.dumps(summary, indent=2, default=float))
+    write_json_strict(paths["json"], summary)
     paths["md"].write_text(md)
     rows = "".join(
         "<tr><td>" + html.escape(m) + "</td>"
         + "".join(f"<td>{html.escape(_fmt(summary['auc'][m][t]))}</td>" for t in targets)
-        + f"<td><b>{summary['mean_auc'][m]:.3f}</b></td></tr>"
+        + f"<td><b>{_num(summary['mean_auc'][m]):.3f}</b></td></tr>"
         for m in methods
     )  # fmt: skip
     head = "".join(f"<th>{html.escape(t)}</th>" for t in targets)
@@ -128,6 +154,8 @@ def write_report(out_dir: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
         f"</head><body><h1>Stacking ensemble report</h1><p>{summary['n_test']} held-out patients; AUC [95% CI]</p>"
         f"<table><tr><th>method</th>{head}<th>mean AUC</th></tr>{rows}</table>"
         f"<p>Meta-learner vs best single modality ({html.escape(best['method'])}): "
-        f"{summary['gain_over_best_single']:+.3f} mean AUC.</p><img src='roc_curves.png' width='100%'></body></html>"
+        f"{_num(summary['gain_over_best_single']):+.3f} mean AUC.</p>"
+        + "".join(f"<p>{html.escape(line[2:])}</p>" for line in _comparison_lines(summary))
+        + "<img src='roc_curves.png' width='100%'></body></html>"
     )
     return paths

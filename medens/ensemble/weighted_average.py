@@ -3,7 +3,9 @@
 Each source's raw score (a probability, or a tumour volume) is first put on a common probability
 scale by a 1-D logistic fit on the same fit cases (Platt scaling); the ensemble is then
 ``sum_k w_k p_k`` over the sources present for a case (weights renormalised when one is missing),
-with ``w >= 0, sum w = 1``. Weights maximise AUC (exhaustive grid on the simplex: AUC is a step
+with ``w >= 0, sum w = 1``. A case with every source missing gets the fit cases' prevalence (the
+no-information probability), so the weighted average scores exactly the patients every other method
+scores. Weights maximise AUC (exhaustive grid on the simplex: AUC is a step
 function, so gradients do not help) or minimise log-loss (the same grid, refined), by config.
 """
 
@@ -16,6 +18,8 @@ from typing import Any
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+
+from medens.errors import DataError
 
 OBJECTIVES = ("auc", "log_loss")
 
@@ -73,12 +77,26 @@ def source_scores(frame: Any, sources: Mapping[str, Sequence[str]]) -> np.ndarra
 
 
 def fit_weighted_average(
-    raw: np.ndarray, y: np.ndarray, objective: str = "auc", step: float = 0.02, auc_tolerance: float = 0.005
+    raw: np.ndarray,
+    y: np.ndarray,
+    objective: str = "auc",
+    step: float = 0.02,
+    auc_tolerance: float = 0.005,
+    target: str = "target",
 ) -> dict[str, Any]:
-    """Calibrate each source and find simplex weights; returns weights, calibrators and the fit score."""
+    """Calibrate each source and find simplex weights; returns weights, calibrators and the fit score.
+
+    A target without any label among the fit cases cannot be fitted: that is an error naming it, not a
+    NaN calibration with arbitrary weights."""
     if objective not in OBJECTIVES:
         raise ValueError(f"weighted_average.objective must be one of {OBJECTIVES}, got {objective!r}")
+    y = np.asarray(y, dtype=np.float64)
     ok = np.isfinite(y)
+    if not ok.any():
+        raise DataError(
+            f"weighted average: target {target!r} has no label on any of the {len(y)} fit patients; "
+            "fill that column of the cohort manifest or remove the target from data.targets"
+        )
     raw, y = raw[ok], y[ok].astype(int)
     scalers = [PlattScaler.fit(raw[:, j], y) for j in range(raw.shape[1])]
     probs = np.stack([s(raw[:, j]) for j, s in enumerate(scalers)], 1)
@@ -108,11 +126,18 @@ def fit_weighted_average(
         "calibration": [{"coef": s.coef, "intercept": s.intercept} for s in scalers],
         "fit_objective_value": float(_objective(combine(probs, best), y, objective)),
         "n_fit": int(len(y)),
+        "all_missing_output": float(y.mean()),
     }
 
 
 def apply_weighted_average(raw: np.ndarray, fitted: Mapping[str, Any]) -> np.ndarray:
+    """Ensemble probability per case; a case with every source missing gets ``all_missing_output`` (the
+    fit cases' prevalence), so no case is dropped."""
     probs = np.stack(
         [PlattScaler(c["coef"], c["intercept"])(raw[:, j]) for j, c in enumerate(fitted["calibration"])], 1
     )
-    return combine(probs, np.asarray(fitted["weights"], dtype=np.float64))
+    out = combine(probs, np.asarray(fitted["weights"], dtype=np.float64))
+    fallback = fitted.get("all_missing_output")
+    if fallback is not None:
+        out = np.where(np.isfinite(out), out, float(fallback))
+    return out

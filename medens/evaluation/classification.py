@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
 
 
 def auc_per_class(probs: np.ndarray, targets: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
@@ -49,6 +49,28 @@ def plot_roc_curves(
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="False positive rate", ylabel="True positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_pr_curves(
+    probs: np.ndarray, targets: np.ndarray, names: Sequence[str], path: Path, title: str = "Precision-recall"
+) -> Path:
+    """One precision-recall curve per label with positives, on one figure (legend: average precision)."""
+    fig, ax = plt.subplots(figsize=(7, 7))
+    ax.set_prop_cycle(color=[plt.cm.tab20(i % 20) for i in range(max(len(names), 1))])
+    for c, name in enumerate(names):
+        known = ~np.isnan(targets[:, c])
+        t, p = targets[known, c], probs[known, c]
+        if not (t == 1).any():
+            continue
+        precision, recall, _ = precision_recall_curve(t, p)
+        ax.plot(recall, precision, lw=1.3, label=f"{name} (AP {average_precision_score(t, p):.3f})")
+    ax.set(xlabel="Recall (sensitivity)", ylabel="Precision (PPV)", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -18,7 +18,6 @@ bootstrap interval of the difference, operating points at the inner-validation t
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -34,8 +33,10 @@ from sklearn.metrics import roc_auc_score
 from medens.checkpoint.io import load_checkpoint, load_network_weights
 from medens.errors import ConfigError
 from medens.evaluation.classification import operating_points, threshold_for_sensitivity
+from medens.evaluation.statistics import paired_auc_comparison
 from medens.training.train import train
 from medens.training.validation import TRAIN_KEYS, validate_config
+from medens.utils.jsonio import write_json_strict
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def cross_validate(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.get("seed"),
     }
     allp.to_csv(out_dir / "cv_predictions.csv", index=False)
-    (out_dir / "cv_report.json").write_text(json.dumps(report, indent=2, default=str))
+    write_json_strict(out_dir / "cv_report.json", report)
     (out_dir / "cv_report.md").write_text(markdown_report(report))
     log.info("cross-validation report: %s", out_dir / "cv_report.md")
     return report
@@ -285,6 +286,12 @@ def summarise(
     report["bootstrap_pooled_auc_difference"] = (
         paired_bootstrap(allp, "prob", baseline, opts["bootstrap"]) if len(np.unique(y)) == 2 else None
     )
+    # DeLong's test (cases independent) and the patient-level paired bootstrap of medens.evaluation.statistics
+    report["pooled_comparison"] = (
+        paired_auc_comparison(y, allp["prob"].to_numpy(), allp[baseline].to_numpy(float),
+                              allp["patient_id"].astype(str).to_numpy(), max(opts["bootstrap"], 1), 0)
+        if len(np.unique(y)) == 2 and len(allp) >= 4 else None
+    )  # fmt: skip
     return report
 
 
@@ -344,6 +351,14 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"- pooled AUC difference (model - {b}), patient bootstrap x{bs['n_resamples']}: "
             f"{bs['diff_mean']:+.4f}, 95% CI [{bs['ci95_low']:+.4f}, {bs['ci95_high']:+.4f}], "
             f"share of resamples with no gain {bs['p_model_not_better']:.3f}"
+        )
+    pc = report.get("pooled_comparison")
+    if pc and "p_value" in (pc.get("delong") or {}):
+        dl, bd = pc["delong"], pc["bootstrap_difference"]
+        lines.append(
+            f"- DeLong's test, pooled AUC model vs {b}: difference {dl['difference']:+.4f} (95% CI "
+            f"[{dl['ci_low']:+.4f}, {dl['ci_high']:+.4f}]), z = {'n/a' if dl['z'] is None else format(dl['z'], '.3f')}, p = {dl['p_value']:.4g}; paired patient "
+            f"bootstrap ({bd['n_resamples']} resamples, seed {bd['seed']}): [{bd['ci_low']:+.4f}, {bd['ci_high']:+.4f}]"
         )
     if "wall_seconds" in report:
         lines.append(f"- wall time: {report['wall_seconds']:.0f} s")

@@ -2,30 +2,36 @@
 
 The checkpoint's `hyperparameters` hold the resolved training config, so `ckpt_path=` alone rebuilds
 the network and the datamodule (same split seed, same preprocessing); `data=<group>` evaluates on
-another dataset instead.
+another dataset instead, and `data.<key>=...` (e.g. `data.root=<another hospital's folder> split=all`)
+changes only those keys of the checkpoint's own data config (external validation, see `external.py`).
+Classifier reports: every metric with a patient-bootstrap interval, calibration, subgroups, report.html
+(`classifier_report.py`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medens.checkpoint.io import load_checkpoint, load_network_weights
+from medens.checkpoint.safe_build import (
+    check_data_modality,
+    load_checkpoint_verified,
+    rebuild_module,
+    safe_instantiate,
+    validate_checkpoint,
+)
 from medens.errors import CheckpointError, ConfigError
 from medens.evaluation.classification import (
-    auc_per_class,
     operating_points,
-    plot_roc_curves,
     threshold_for_sensitivity,
 )
+from medens.training.validation import validate_values
 from medens.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -38,21 +44,19 @@ def build_from_checkpoint(
     ckpt: dict[str, Any], path: str | Path, data_cfg: DictConfig | None = None
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(LightningModule with the checkpoint's weights, datamodule, training config) from one file."""
-    hyper = ckpt.get("hyperparameters") or {}
+    hyper = validate_checkpoint(ckpt, path)  # checkpoints are data, never code: nothing runs unchecked
     if "model" not in hyper or "data" not in hyper:
         raise CheckpointError(f"{path}: checkpoint has no model/data config in 'hyperparameters'")
-    model_cfg = OmegaConf.create(hyper["model"])
-    if "pretrained_path" in model_cfg.get("net", {}):
-        with open_dict(model_cfg):
-            model_cfg.net.pretrained_path = None  # the weights come from the checkpoint
-    model = hydra.utils.instantiate(model_cfg)
-    load_network_weights(model.net, ckpt, strict=True)
-    model.io_contract = hyper.get("io_contract", {})
+    check_data_modality(hyper, data_cfg, path)
+    model = rebuild_module(ckpt, path)
     dm_cfg = data_cfg if data_cfg is not None else OmegaConf.create(hyper["data"])
     if "generate_if_missing" in dm_cfg:
         with open_dict(dm_cfg):
             dm_cfg.generate_if_missing = bool(dm_cfg.generate_if_missing)
-    datamodule = hydra.utils.instantiate(dm_cfg)
+    if data_cfg is None:  # the checkpoint's own data config: as untrusted as its model config
+        datamodule = safe_instantiate(dm_cfg, path, "hyperparameters.data")
+    else:
+        datamodule = hydra.utils.instantiate(dm_cfg)
     return model, datamodule, hyper
 
 
@@ -60,7 +64,7 @@ def build_from_checkpoint(
 def predict_split(model: Any, loader: Any, device: str = "cpu") -> dict[str, Any]:
     """Run the network over a loader: stacked probabilities, targets and case ids."""
     model.eval().to(device)
-    probs, targets, ids = [], [], []
+    probs, targets, ids, patients = [], [], [], []
     for batch in loader:
         x = batch["image"].to(device)
         # a model with predict_proba (CT: sigmoid or softmax head, optional flip TTA) scores itself
@@ -71,7 +75,9 @@ def predict_split(model: Any, loader: Any, device: str = "cpu") -> dict[str, Any
         probs.append(out.float().cpu())
         targets.append(batch["label"].float().reshape(len(out), -1))
         ids += list(batch["case_id"])
-    return {"probs": torch.cat(probs).numpy(), "targets": torch.cat(targets).numpy(), "case_ids": ids}
+        patients += [str(p) for p in batch.get("patient_id", batch["case_id"])]  # bootstrap unit: the patient
+    return {"probs": torch.cat(probs).numpy(), "targets": torch.cat(targets).numpy(), "case_ids": ids,
+            "patient_ids": patients}  # fmt: skip
 
 
 def binary_operating_table(
@@ -102,62 +108,41 @@ def binary_operating_table(
 def evaluate_classifier(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Per-class AUC (JSON), ROC curves (PNG) and per-case predictions (CSV) of a classifier checkpoint."""
     ckpt_path = Path(cfg.ckpt_path)
-    ckpt = load_checkpoint(ckpt_path)
-    data_cfg = cfg.get("data")
-    if data_cfg is not None and data_cfg.get("seed") is None:
-        with open_dict(data_cfg):
-            data_cfg.seed = ckpt["hyperparameters"].get("seed", 0)
+    ckpt = load_checkpoint_verified(ckpt_path)  # a versioned file: SHA-256 checked against its metadata
+    data_cfg = resolve_data_config(cfg, ckpt, ckpt_path)
     model, dm, hyper = build_from_checkpoint(ckpt, ckpt_path, data_cfg)
-    dm.prepare_data()
-    dm.setup("test")
-    if cfg.split not in ("val", "test"):
-        raise ConfigError(f"split must be 'val' or 'test', got {cfg.split!r}")
-    loader = dm.val_dataloader() if cfg.split == "val" else dm.test_dataloader()
-    pred = predict_split(model, loader, cfg.get("device", "cpu"))
-    names = list(model.io_contract.get("label_names") or getattr(dm, "labels", []))
-    if len(names) != pred["probs"].shape[1]:
-        names = [f"output_{i}" for i in range(pred["probs"].shape[1])]
-    report = auc_per_class(pred["probs"], pred["targets"], names)
-    report.update(
-        {
-            "checkpoint": str(ckpt_path.resolve()),
-            "checkpoint_sha256": sha256_of(ckpt_path),
-            "checkpoint_epoch": ckpt.get("epoch"),
-            "split": cfg.split,
-            "n_cases": len(pred["case_ids"]),
-            "data": str(getattr(dm, "root", getattr(dm, "path", ""))),
-        }
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if pred["probs"].shape[1] == 1:  # binary (CT): sensitivity/specificity table
-        table = binary_operating_table(
-            ckpt, pred["probs"][:, 0], pred["targets"][:, 0], cfg.get("thresholds")
-        )
-        report["operating_points"] = table
-        pd.DataFrame(table).to_csv(out_dir / "operating_points.csv", index=False)
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
-    plot_roc_curves(pred["probs"], pred["targets"], names, out_dir / "roc_curves.png",
-                    title=f"{hyper.get('modality', '')} {cfg.split}: mean AUC {report['mean_auc'] or float('nan'):.3f}")  # fmt: skip
-    frame = pd.DataFrame(pred["probs"], columns=[f"prob_{n}" for n in names])
-    frame.insert(0, "case_id", pred["case_ids"])
-    for i, n in enumerate(names):
-        frame[f"target_{n}"] = pred["targets"][:, i]
-    frame.to_csv(out_dir / "predictions.csv", index=False)
-    log.info(
-        "mean AUC %.4f on %d %s cases -> %s",
-        report["mean_auc"] or np.nan,
-        report["n_cases"],
-        cfg.split,
-        out_dir,
-    )
-    return report
+    from medens.evaluation.classifier_report import report_classifier  # metrics with intervals, report.html
+
+    return report_classifier(cfg, ckpt_path, ckpt, model, dm, hyper, out_dir,
+                             own_val=lambda: build_from_checkpoint(ckpt, ckpt_path, None)[:2])  # fmt: skip
+
+
+def resolve_data_config(cfg: DictConfig, ckpt: dict[str, Any], ckpt_path: Path) -> DictConfig | None:
+    """The checkpoint's data config with the `data.<key>=` overrides merged on (external validation), a
+    whole `data=<group>`, or None (the checkpoint's own data, untouched)."""
+    from medens.checkpoint.safe_build import validate_safe_config
+    from medens.evaluation.external import merge_data_config
+
+    data_cfg = merge_data_config(ckpt, cfg.get("data"), ckpt_path, str(cfg.get("split", "test")))
+    if data_cfg is not None:
+        validate_safe_config(data_cfg, ckpt_path, "data")  # its _target_ may come from the checkpoint
+        if data_cfg.get("seed") is None:
+            with open_dict(data_cfg):
+                data_cfg.seed = ckpt["hyperparameters"].get("seed", 0)
+    return data_cfg
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Dispatch on the checkpoint's modality; writes into `cfg.paths.output_dir`."""
+    validate_values(cfg)  # types and ranges of every value (e.g. data.batch_size=-4) before any work
+    from medens.evaluation.classifier_report import options as report_options
+
+    report_options(cfg)  # bootstrap, calibration and subgroup options, before any data is read
     out_dir = Path(cfg.paths.output_dir)
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    modality = (ckpt.get("hyperparameters") or {}).get("modality", "xray")
+    ckpt = load_checkpoint_verified(cfg.ckpt_path)  # a versioned file: SHA-256 checked against its metadata
+    hyper = validate_checkpoint(ckpt, cfg.ckpt_path)  # before anything is built from it
+    check_data_modality(hyper, cfg.get("data"), cfg.ckpt_path)  # before any data is read
+    modality = hyper.get("modality", "xray")
     if modality in ("xray", "ct"):
         return evaluate_classifier(cfg, out_dir)
     if modality == "mri":

@@ -20,7 +20,6 @@ case (split ``predict``); metrics are then reported only for the cases that have
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import time
@@ -38,12 +37,14 @@ import torch  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from medens.checkpoint.io import load_checkpoint  # noqa: E402
+from medens.checkpoint.safe_build import load_checkpoint_verified as load_checkpoint  # noqa: E402  (SHA-256 of versions)
 from medens.data.mri.brats import REGIONS, canonical_modality  # noqa: E402
 from medens.data.mri.transforms import write_prediction_nifti  # noqa: E402
 from medens.errors import ConfigError  # noqa: E402
 from medens.evaluation.evaluate import build_from_checkpoint, sha256_of  # noqa: E402
+from medens.evaluation.external import is_partial, merge_data_config  # noqa: E402
 from medens.metrics.segmentation import DICE_KEYS, HD95_KEYS, mean_metrics, segmentation_metrics  # noqa: E402
+from medens.utils.jsonio import write_json_strict  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ def _prepare_data_cfg(cfg: DictConfig, ckpt: dict[str, Any]) -> DictConfig:
     channel order), else the training data; an in-memory cache becomes lazy decoding of the split only."""
     hyper = ckpt.get("hyperparameters") or {}
     given = cfg.get("data")
+    if is_partial(given):  # data.<key>= overrides: merged onto the checkpoint's own data config
+        given = merge_data_config(ckpt, given, cfg.ckpt_path, str(cfg.get("split", "test")))
     data_cfg = given if given is not None else OmegaConf.create(hyper.get("data") or {})
     contract = hyper.get("io_contract") or {}
     with open_dict(data_cfg):
@@ -194,6 +197,8 @@ def evaluate_segmenter(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     split = str(cfg.get("split", "test"))
     if not dm.require_label:
         split = "predict"  # inference data: every case, metrics where a label exists
+    if split == "all":
+        split = "predict"  # every case of the folder (the datamodule's predict split)
     loaders = {"val": dm.val_dataloader, "test": dm.test_dataloader, "predict": dm.predict_dataloader}
     if split not in loaders:
         raise ConfigError(f"split must be one of {list(loaders)}, got {split!r}")
@@ -251,7 +256,10 @@ def evaluate_segmenter(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "data": str(dm.root),
         "inferer": {k: v for k, v in (hyper.get("model", {}).get("inferer") or {}).items() if k != "_target_"},
     }
-    (out_dir / "metrics.json").write_text(json.dumps(_finite(report), indent=2))
+    from medens.evaluation.segmentation_report import add_intervals_and_report
+
+    add_intervals_and_report(cfg, report, rows, metric_keys, dm, out_dir)  # intervals, predictions.csv, report.html
+    write_json_strict(out_dir / "metrics.json", _finite(report))
     columns = ["case_id", "has_label", *metric_keys, "inference_seconds"]
     with open(out_dir / "per_case.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")

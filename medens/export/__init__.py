@@ -10,6 +10,7 @@ from medens.export.checkpoints import (
     export_checkpoints,
     load_source_network,
     parse_targets,
+    read_manifest,
     update_manifest,
 )
 from medens.export.core import (
@@ -38,6 +39,7 @@ __all__ = [
     "onnx_opset_range",
     "onnxruntime_opset_range",
     "parse_targets",
+    "read_manifest",
     "sha256_file",
     "update_manifest",
 ]

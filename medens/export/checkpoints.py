@@ -24,18 +24,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from medens.checkpoint.io import load_checkpoint, load_network_weights
-from medens.errors import CheckpointError, ConfigError
+from medens.checkpoint.safe_build import (
+    build_network_from_checkpoint,
+    load_checkpoint_verified,
+    validate_checkpoint,
+    validate_safe_config,
+)
+from medens.errors import CheckpointError, ConfigError, ExportError
 from medens.export.core import check_onnx_opset, export_module, sha256_file
+from medens.training.validation import validate_values
+from medens.utils.jsonio import to_strict
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "medens-exports/1"
 MANIFEST_NAME = "manifest.json"
+
+
+def calibration_manifest_entry(ckpt_path: Path) -> dict[str, Any] | None:
+    """The checkpoint's stored calibration (`<stem>.calibration.json`, SHA-256 checked), or None."""
+    from medens.evaluation.calibration import manifest_entry
+
+    return manifest_entry(ckpt_path)
 #: format suffix of a target name -> (export kind or None for "the configured TorchScript mode", file name)
 FORMATS: dict[str, tuple[str | None, str]] = {
     "torchscript": (None, "{model}_torchscript.pt"),
@@ -57,6 +70,7 @@ class SourceNetwork:
     input_shape: list[int]  # without the batch axis
     io_contract: dict[str, Any]
     checkpoint: dict[str, Any]  # path, sha256, epoch, best_metric, timestamp, net config
+    inference: dict[str, Any] | None = None  # what a server runs around the export (TTA, sliding window)
 
 
 def parse_targets(targets: Sequence[str], models: Sequence[str]) -> list[tuple[str, str, str]]:
@@ -108,8 +122,8 @@ def load_source_network(
         raise CheckpointError(
             f"{path}: checkpoint file not found (set checkpoints.<model>=... to another file)"
         )
-    ckpt = load_checkpoint(path)
-    hyper = ckpt.get("hyperparameters") or {}
+    ckpt = load_checkpoint_verified(path)  # a versioned file: SHA-256 checked against its metadata
+    hyper = validate_checkpoint(ckpt, path)  # checkpoints are data, never code
     net_cfg = (hyper.get("model") or {}).get("net")
     if not isinstance(net_cfg, Mapping) or "_target_" not in net_cfg:
         raise CheckpointError(
@@ -122,17 +136,10 @@ def load_source_network(
             f"{path}: wrong architecture for the {expected_modality} export: this is a {modality} checkpoint "
             f"(network {net_cfg['_target_']}); give a {expected_modality} checkpoint"
         )
+    net = build_network_from_checkpoint(ckpt, path=path)  # allow-listed targets, weights loaded strictly
     cfg = OmegaConf.create(dict(net_cfg))
     if "pretrained_path" in cfg:
         cfg.pretrained_path = None  # the weights come from the checkpoint, never from elsewhere
-    try:
-        net = instantiate(cfg)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot rebuild the network {net_cfg['_target_']}: {exc}") from exc
-    try:
-        load_network_weights(net, ckpt, strict=True)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{path}: {str(exc).removeprefix('<state dict>: ')}") from exc
     shape = [int(v) for v in input_shape] if input_shape else _input_shape(hyper, modality, path)
     return SourceNetwork(
         name=str(modality or expected_modality or path.stem),
@@ -150,7 +157,31 @@ def load_source_network(
             "timestamp": ckpt.get("timestamp"),
             "network": OmegaConf.to_container(cfg),
         },
+        inference=inference_settings(hyper),
     )
+
+
+def inference_settings(hyper: Mapping[str, Any]) -> dict[str, Any]:
+    """How evaluation runs the network (plain values only), so a server can do the same around an export:
+    the CT classifier's flip TTA, the segmenter's sliding-window ROI, overlap, blending and window batch."""
+    model = hyper.get("model") or {}
+    out: dict[str, Any] = {}
+    if "tta_flips" in model:
+        out["tta_flips"] = bool(model.get("tta_flips"))
+    inferer = model.get("inferer")
+    if isinstance(inferer, Mapping):
+        out["sliding_window"] = {
+            k: (list(v) if isinstance(v, (list, tuple)) else v)
+            for k, v in inferer.items()
+            if k in ("roi_size", "sw_batch_size", "overlap", "mode", "sigma_scale", "padding_mode")
+        }
+    net = model.get("net") or {}
+    if isinstance(net, Mapping) and net.get("strides"):
+        size = 1
+        for s in net["strides"]:
+            size *= int(s)
+        out["size_multiple"] = size  # a whole-volume input must be a multiple of this per axis
+    return out
 
 
 def describe_output(source: SourceNetwork, n_outputs: int) -> dict[str, Any]:
@@ -191,7 +222,7 @@ def _write_json_atomic(obj: Any, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
+            json.dump(to_strict(obj), fh, indent=2, allow_nan=False)  # strict JSON: NaN -> null
             fh.write("\n")
         umask = os.umask(0)
         os.umask(umask)
@@ -202,15 +233,31 @@ def _write_json_atomic(obj: Any, path: Path) -> None:
         raise
 
 
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """An exports `manifest.json`, refused (`UnsafeCheckpointError` naming the file and key) when any part
+    of it could make a reader instantiate code: the network configs it records are checked like a
+    checkpoint's (`medens.checkpoint.safe_build.validate_safe_config`). Use this to read a manifest."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{path}: unreadable export manifest ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise ExportError(f"{path}: an export manifest is a JSON object")
+    validate_safe_config(manifest, path, "manifest")
+    return manifest
+
+
 def update_manifest(out_dir: Path, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Merge `entries` into `out_dir/manifest.json` (atomically); entries whose file is gone are dropped."""
     path = out_dir / MANIFEST_NAME
     old: dict[str, Any] = {}
     if path.is_file():
         try:
-            old = json.loads(path.read_text()).get("exports", {})
-        except (json.JSONDecodeError, AttributeError):
+            old = read_manifest(path).get("exports", {})
+        except ExportError:
             log.warning("%s is not valid JSON; rewriting it", path)
+        old = old if isinstance(old, dict) else {}
     exports = {
         k: v for k, v in old.items() if isinstance(v, dict) and (out_dir / v.get("file", "")).is_file()
     }
@@ -233,6 +280,7 @@ def export_checkpoints(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(dict(cfg))
+    validate_values(cfg)  # types and ranges (verify.batch_sizes, onnx.opset, atol...) before any work
     out_dir = Path(str(_cfg_get(cfg, "out_dir")))
     checkpoints = dict(_cfg_get(cfg, "checkpoints") or {})
     input_shapes = dict(_cfg_get(cfg, "input_shapes") or {})
@@ -324,8 +372,11 @@ def export_checkpoints(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                 }
             ],
             "modality": source.modality,
+            "inference": source.inference or {},
             "source_checkpoint": source.checkpoint,
             "io_contract": source.io_contract,
+            # post-hoc calibration stored beside the checkpoint (null: none): p = sigmoid(scale * logit + bias)
+            "calibration": calibration_manifest_entry(source.path),
             "tolerance": {"atol": atol, "rtol": rtol, "rule": "|export - eager| <= atol + rtol * |eager|"},
             "verification": {
                 "passed": True,

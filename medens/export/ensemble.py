@@ -15,6 +15,7 @@ import torch
 
 from medens.ensemble.network import StackedEnsemble, build_stacked_ensemble, example_inputs
 from medens.export.core import export_module
+from medens.utils.hashing import sha256_file
 
 INPUT_NAMES = ["xray", "ct", "mri", "present"]
 
@@ -24,6 +25,24 @@ def load_ensemble(
 ) -> tuple[StackedEnsemble, dict[str, Any]]:
     """Build (and validate: base checkpoints present, unchanged since stacking) before anything is written."""
     return build_stacked_ensemble(meta_ckpt, mri_voxel_ml)
+
+
+def serving_info(info: dict[str, Any]) -> dict[str, Any]:
+    """What a server needs to preprocess raw inputs for the traced ensemble: each base model's io_contract
+    (without its patient list) and inference settings, from the meta-learner's own record."""
+    from medens.checkpoint.io import load_checkpoint
+    from medens.export.checkpoints import inference_settings
+
+    contract = (load_checkpoint(info["meta_learner"]).get("hyperparameters") or {}).get("io_contract") or {}
+    bases: dict[str, Any] = {}
+    for m, rec in (contract.get("base_checkpoints") or {}).items():
+        hyper = load_checkpoint(rec["path"]).get("hyperparameters") or {}
+        bases[m] = {
+            "io_contract": {k: v for k, v in (hyper.get("io_contract") or {}).items() if k != "seen_patients"},
+            "inference": inference_settings(hyper),
+            "sha256": rec.get("sha256"),
+        }
+    return {"modalities": list(info["modalities"]), "base_models": bases}
 
 
 def export_ensemble(
@@ -77,7 +96,8 @@ def export_ensemble(
             {"name": "probabilities", "shape": ["batch", len(info["targets"])], "labels": info["targets"]}
         ],
         "missing_modalities": "pass any tensor of the right shape (e.g. zeros) and 0 in `present`",
-        "source_checkpoint": {"path": info["meta_learner"]},
+        **serving_info(info),
+        "source_checkpoint": {"path": info["meta_learner"], "sha256": sha256_file(info["meta_learner"])},
         "tolerance": {"atol": atol, "rtol": rtol, "rule": "|export - eager| <= atol + rtol * |eager|"},
         "verification": {
             "passed": True,

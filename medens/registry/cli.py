@@ -39,6 +39,9 @@ def _none_or_str(value: Any) -> str | None:
 
 def run_promote(cfg: DictConfig) -> PromotedVersion | list[VersionInfo]:
     """`action=promote`: version `cfg.ckpt_path`; `action=list`: print and return the versions beside it."""
+    from medens.training.validation import validate_values
+
+    validate_values(cfg)  # types and ranges (registry.timeout_s, max_retries...) before any work
     action = cfg.get("action", "promote")
     path = Path(str(cfg.ckpt_path))
     if action == "list":
@@ -54,6 +57,7 @@ def run_promote(cfg: DictConfig) -> PromotedVersion | list[VersionInfo]:
         return versions
     if action != "promote":
         raise ConfigError(f"action must be 'promote' or 'list', got {action!r}")
+    store = _store_if_enabled(cfg)  # an unusable bucket fails before anything is written
     result = promote_checkpoint(
         path,
         version=_none_or_str(cfg.get("version")),
@@ -69,4 +73,27 @@ def run_promote(cfg: DictConfig) -> PromotedVersion | list[VersionInfo]:
         print(
             f"MLflow: {r['registered_model']} version {r['model_version']} (run {r['run_id']}) in {r['tracking_uri']}"
         )
+    if store is not None:
+        from medens.registry.object_store import StoreError
+
+        try:
+            sv = store.push(result.path, cfg.get("exports_dir"))
+        except StoreError as exc:
+            raise StoreError(
+                f"{result.path} was promoted locally, but publishing it failed: {exc}. Retry with "
+                f"scripts/store.py action=push path={result.path}"
+            ) from exc
+        print(f"published to {store.uri(sv.prefix)} ({len(sv.objects)} objects)")
     return result
+
+
+def _store_if_enabled(cfg: DictConfig):  # noqa: ANN202 (ModelStore | None; boto3 is imported lazily)
+    """The S3 store of `cfg.store` when `store.enabled`, its bucket checked (reachable, versioned)."""
+    section = cfg.get("store")
+    if section is None or not section.get("enabled", False):
+        return None
+    from medens.registry.object_store import store_from_config
+
+    store = store_from_config(section)
+    store.check_bucket()
+    return store

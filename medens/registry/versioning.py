@@ -313,6 +313,33 @@ def build_metadata(
     }
 
 
+def promotion_lock_path(directory: str | os.PathLike, model_name: str) -> Path:
+    """The lock a promotion of `model_name` in `directory` holds (also checked by housekeeping)."""
+    return Path(directory) / f".{model_name}.promote.lock"
+
+
+def rollback_interrupted_promotions(
+    directory: str | os.PathLike, model_name: str | None = None
+) -> list[Path]:
+    """Remove versioned copies that have no metadata: promotions killed between the copy and the metadata
+    (the metadata is written last). Their version numbers become free again. The caller holds the
+    promotion lock (or has checked that no promotion runs). Returns the removed files (logged)."""
+    removed = []
+    for v in list_versions(directory, model_name):
+        if v.path is not None and v.metadata_path is None:
+            v.path.unlink(missing_ok=True)
+            log.warning("rolled back an interrupted promotion: removed %s (no metadata; version %s is free again)",
+                        v.path, v.version)  # fmt: skip
+            removed.append(v.path)
+    for p in Path(directory).glob(".*.tmp") if Path(directory).is_dir() else []:
+        m = _VERSIONED_RE.match(p.name[1:].split(".pth.")[0].split(".json.")[0].split(".pt.")[0])
+        if m and (model_name is None or m.group("name") == model_name):
+            p.unlink(missing_ok=True)
+            log.warning("removed %s: temporary file of an interrupted promotion", p)
+            removed.append(p)
+    return removed
+
+
 def promote_checkpoint(
     ckpt_path: str | os.PathLike,
     version: str | SemVer | None = None,
@@ -327,16 +354,29 @@ def promote_checkpoint(
     reachable (before any file is written) -> atomic copy -> register -> metadata (last, atomic). If
     registering or writing the metadata fails, the copy (and any registry entry made) is removed again.
     """
-    from medens.checkpoint.io import load_checkpoint
-
     src = Path(ckpt_path)
     if not src.is_file():
         raise RegistryError(f"{src}: checkpoint file not found")
     model_name, role, _ = split_checkpoint_name(src)
+    from medens.utils.locking import owned_lock
+
+    with owned_lock(promotion_lock_path(src.parent, model_name), f"promoting {src.name}"):
+        rollback_interrupted_promotions(src.parent, model_name)
+        return _promote_locked(src, model_name, role, version, bump, notes, report, registry)
+
+
+def _promote_locked(
+    src: Path, model_name: str, role: str, version: str | SemVer | None, bump: str | None, notes: str | None,
+    report: str | os.PathLike | None, registry: Registrar | None,
+) -> PromotedVersion:  # fmt: skip
+    from medens.checkpoint.io import load_checkpoint
+    from medens.checkpoint.safe_build import validate_checkpoint
+
     try:
         ckpt = load_checkpoint(src)
     except CheckpointError as exc:
         raise RegistryError(f"cannot promote {src}: {exc}") from exc
+    validate_checkpoint(ckpt, src)  # never version a file whose config names code (UnsafeCheckpointError)
     target = next_version(list_versions(src.parent, model_name), version, bump)
     dst = src.parent / versioned_name(model_name, target, role, src.suffix)
     meta_path = metadata_path_for(dst)
@@ -371,6 +411,9 @@ def promote_checkpoint(
                 log.error("could not roll back registry entry %s: %s", info, exc)
         raise
     log.info("promoted %s -> %s (sha256 %s)", src, dst, sha)
+    from medens.evaluation.model_card import write_model_card_safely  # model_card.md beside the version
+
+    write_model_card_safely(dst, metadata, report)
     return PromotedVersion(model_name, str(target), dst, meta_path, metadata, info)
 
 
@@ -431,4 +474,8 @@ def load_versioned(path: str | os.PathLike, map_location: Any = "cpu") -> dict[s
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a medens checkpoint (no 'model_state_dict')")
+    from medens.checkpoint.safe_build import validate_checkpoint, validate_safe_config
+
+    validate_checkpoint(ckpt, path)  # checkpoints are data, never code
+    validate_safe_config(meta.get("hyperparameters"), metadata_path_for(path), "hyperparameters")
     return ckpt

@@ -16,6 +16,7 @@ import os
 import re
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -304,6 +305,71 @@ def apply_removals(removals: Sequence[Removal], dry_run: bool = False) -> list[R
     return done
 
 
+# ------------------------------------------------------------------------------------------ leftovers
+
+RUN_LOCK = ".run.lock"  # held by a training run for its whole life (medens/training/run_ownership.py)
+
+
+def lock_is_held(path: Path) -> bool:
+    """Whether a live process holds the flock on `path` (False when the file is absent or stale)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        return False
+    try:
+        fh = open(path, "rb")
+    except OSError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+def _promotion_lock(folder: Path, versioned_name: str) -> Path:
+    model = _VERSIONED_RE.split(versioned_name, maxsplit=1)[0]
+    return folder / f".{model}.promote.lock"
+
+
+def plan_leftovers(saved_models_dir: str | os.PathLike, min_age_s: float = 60.0) -> list[Removal]:
+    """What killed runs and promotions left behind, never what a live process is writing.
+
+    - `.<name>.<random>.tmp` of a save that never finished (atomic saves name their temp files so; none
+      ends in `.pth`), in a folder whose run lock is not held, older than `min_age_s` seconds;
+    - a versioned copy without its metadata JSON (a promotion killed between the copy and the metadata,
+      which is written last) whose promotion lock is not held: rolled back, so the version is free again.
+    """
+    removals = []
+    for f in scan(saved_models_dir):
+        name = f.path.name
+        folder = f.path.parent
+        if _TEMP_RE.match(name):
+            run_lock = folder.parent.parent / RUN_LOCK if folder.parent.name == "runs" else folder / RUN_LOCK
+            if lock_is_held(run_lock) or (
+                _VERSIONED_RE.search(name) and lock_is_held(_promotion_lock(folder, name[1:]))
+            ):
+                continue
+            try:
+                if min_age_s and time.time() - f.path.stat().st_mtime < min_age_s:
+                    continue
+            except FileNotFoundError:
+                continue
+            removals.append(Removal(f.path, f.rel, f.size, "temp", "temporary file of a killed save"))
+        elif (
+            f.kind == "versioned"
+            and f.path.suffix in (".pth", ".pt")
+            and not f.path.with_suffix(".json").exists()
+            and not lock_is_held(_promotion_lock(folder, name))
+        ):
+            removals.append(
+                Removal(f.path, f.rel, f.size, f.kind, "interrupted promotion (no metadata): rolled back")
+            )
+    return removals
+
+
 def _merge(*plans: Sequence[Removal]) -> list[Removal]:
     seen: dict[str, Removal] = {}
     for plan in plans:
@@ -319,10 +385,13 @@ def prune(
     remove: Iterable[str | os.PathLike] = (),
     base_dir: str | os.PathLike | None = None,
     dry_run: bool = False,
+    leftover_min_age_s: float = 60.0,
 ) -> list[Removal]:
-    """Plan (periodic rule + explicitly named files), then remove unless `dry_run`."""
+    """Plan (periodic rule + explicitly named files + leftovers of killed runs), then remove unless `dry_run`."""
     explicit = plan_explicit_removal(saved_models_dir, remove, base_dir)  # refuse bad names before any change
-    return apply_removals(_merge(plan_prune(saved_models_dir, keep_last, best_only), explicit), dry_run)
+    leftovers = plan_leftovers(saved_models_dir, leftover_min_age_s)
+    planned = _merge(plan_prune(saved_models_dir, keep_last, best_only), explicit, leftovers)
+    return apply_removals(planned, dry_run)
 
 
 # -------------------------------------------------------------------------------------------- archive
@@ -460,7 +529,7 @@ def archive_saved_models(
 # ------------------------------------------------------------------------------------------------ CLI
 
 
-ACTIONS = ("report", "prune", "remove", "archive")
+ACTIONS = ("report", "prune", "remove", "archive", "clean")
 
 
 def _as_list(value: Any) -> list[str]:
@@ -500,10 +569,27 @@ def run_housekeeping(cfg: Mapping[str, Any] | Any) -> dict[str, Any]:
         print(json.dumps(out, indent=2) if fmt == "json" else report.render())
         return out
 
+    if action == "clean":
+        done = apply_removals(plan_leftovers(saved, float(cfg.get("leftover_min_age_s", 60))), dry_run)
+        out = {"action": action, "dry_run": dry_run, "saved_models_dir": str(check_saved_models_dir(saved)),
+               "removed": [r.rel for r in done], "leftovers": [r.describe() for r in done],
+               "freed_bytes": sum(r.size for r in done)}  # fmt: skip
+        if fmt == "json":
+            print(json.dumps(out, indent=2))
+        else:
+            verb = "would remove" if dry_run else "removed"
+            print(f"{tag}clean in {out['saved_models_dir']}: {verb} {len(done)} leftovers of killed runs")
+            for r in done:
+                print(f"  {verb} leftover: {r.describe()}")
+        return out
+
     if action in ("prune", "remove"):
         keep = cfg.get("keep_last", 3) if action == "prune" else None
         best_only = bool(cfg.get("best_only", False)) if action == "prune" else False
-        done = prune(saved, keep, best_only, named, base_dir=root_dir, dry_run=dry_run)
+        min_age = float(cfg.get("leftover_min_age_s", 60)) if action == "prune" else float("inf")
+        done = prune(
+            saved, keep, best_only, named, base_dir=root_dir, dry_run=dry_run, leftover_min_age_s=min_age
+        )
         freed = sum(r.size for r in done)
         verb = "would remove" if dry_run else "removed"
         out = {

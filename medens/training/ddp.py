@@ -4,15 +4,24 @@ Lightning's script launcher re-runs `sys.argv` for each extra rank. Under Hydra 
 `-m` sweep in every child, and writes stray output folders. Here the extra ranks instead run
 `python -m medens.training.ddp_worker <config.yaml>` on the already-composed, fully resolved config of
 the current job, so a sweep job's ranks train exactly that job, with its paths.
+
+On a cluster the ranks come from the engine instead (torchrun, srun): the cluster environment then
+creates the processes externally and this launcher starts none (see `medens.training.cluster`).
+The callbacks below record the run's topology in its checkpoints and, on request, the sample ids
+each rank draws.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
@@ -70,3 +79,55 @@ def cleanup_distributed(launched_here: bool) -> None:
     if launched_here:
         for var in DDP_ENV_VARS:
             os.environ.pop(var, None)
+
+
+class RunTopology(Callback):
+    """Records world size, nodes, devices per node and the cluster environment in every checkpoint
+    (`lightning.callbacks.RunTopology`), so that `medens.training.cluster.check_resume` can refuse a
+    resume on another world size."""
+
+    def __init__(self) -> None:
+        self.topology: dict[str, Any] = {}
+        self.resumed_from: dict[str, Any] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        env = getattr(trainer.strategy, "cluster_environment", None)
+        self.topology = {
+            "world_size": int(trainer.world_size),
+            "num_nodes": int(trainer.num_nodes),
+            "devices_per_node": int(trainer.num_devices),
+            "environment": type(env).__name__ if env is not None else None,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.topology)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.resumed_from = dict(state_dict)
+
+
+class SampleIdLog(Callback):
+    """Records which dataset indices this rank draws in each training epoch.
+
+    Writes `<folder>/sample_ids_rank<R>.json` (`{"rank", "world_size", "epochs": {epoch: [indices]}}`),
+    read from the very sampler that feeds the training loader, to check the sharding of a multi-node run
+    (ranks disjoint, their union the whole epoch). Add it with
+    `+callbacks.sample_ids._target_=medens.training.ddp.SampleIdLog +callbacks.sample_ids.folder=<dir>`.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.epochs: dict[int, list[int]] = {}
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        sampler = getattr(trainer.train_dataloader, "sampler", None)
+        if sampler is None:
+            return
+        self.epochs[int(trainer.current_epoch)] = [
+            int(k[0]) if isinstance(k, (tuple, list)) else int(k) for k in iter(sampler)
+        ]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        out = self.folder / f"sample_ids_rank{trainer.global_rank}.json"
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size, "epochs": self.epochs}))
+        os.replace(tmp, out)

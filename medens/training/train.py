@@ -14,8 +14,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medens.checkpoint.io import MedensCheckpointIO
-from medens.training.ddp import MedensDDPStrategy, cleanup_distributed
+from medens.training import cluster
+from medens.training.ddp import MedensDDPStrategy, RunTopology, cleanup_distributed
 from medens.training.instantiate import instantiate_callbacks, instantiate_loggers
+from medens.training.preflight import Preflight
+from medens.training.run_ownership import RunFiles, claim_run_files, signal_received
 from medens.training.task import task_wrapper
 from medens.training.validation import validate_config
 
@@ -64,7 +67,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     the best checkpoint.
     """
     validate_config(cfg)
+    cluster.check_environment(cfg)  # torchrun/SLURM topology vs trainer.num_nodes/devices, trainer=slurm outside SLURM
+    cluster.check_resume(cfg, cluster.config_world_size(cfg))  # ckpt_path of another modality/model/world size
     _hydra_job_paths(cfg)
+    if not cfg.get("train", True):
+        return _train(cfg, None)
+    # lock the folder and decide where this run writes (medens/training/run_ownership.py)
+    with claim_run_files(cfg) as run_files:
+        return _train(cfg, run_files)
+
+
+def _train(cfg: DictConfig, run_files: RunFiles | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stage proper, while this run owns its files (`run_files`; None when it does not train)."""
     _ensure_cohort(cfg)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -75,12 +89,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model = hydra.utils.instantiate(cfg.model)
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
 
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), RunTopology()]
+    if run_files is not None and cfg.get("preflight", True):
+        callbacks.append(Preflight(run_files.write_dir, lambda: hydra.utils.instantiate(cfg.model)))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[MedensCheckpointIO()]
     )
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+    cluster.check_resume(cfg, trainer.world_size)  # again with the built trainer's world size (devices=auto)
 
     launched_here = False
     if isinstance(trainer.strategy, MedensDDPStrategy) and "LOCAL_RANK" not in os.environ:
@@ -100,7 +117,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             metrics[f"best/{model.monitor}"] = model.best_metric
         best = _best_checkpoint(trainer, model.monitor)
         objects["best_checkpoint"] = best
-        if cfg.get("test", False):
+        if run_files is not None and cfg.get("train", True):
+            run_files.finish()
+            objects["best_checkpoint"] = str(run_files.publish_best(best) or best) if best else best
+        if cfg.get("test", False) and signal_received(trainer):
+            log.warning("a termination signal arrived after the last epoch: training is complete; no test")
+        elif cfg.get("test", False):
             ckpt = best if cfg.get("train", True) else cfg.get("ckpt_path")
             if ckpt is None:
                 log.warning("no best checkpoint was written; testing the current weights")
@@ -109,5 +131,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     finally:
         cleanup_distributed(launched_here)
     if trainer.is_global_zero:
-        log.info("best checkpoint: %s", objects["best_checkpoint"])
+        copy = f" (published copy of {best})" if run_files is not None and run_files.published else ""
+        log.info("best checkpoint: %s%s", objects["best_checkpoint"], copy)
     return metrics, objects

@@ -1,4 +1,4 @@
-"""Config validation: an unknown key is an error that names the key, never silently ignored.
+"""Config validation: an unknown key or a value of the wrong type or range is an error naming the key.
 
 Hydra already rejects CLI overrides of keys that do not exist. This catches the other half: a typo
 inside a YAML file (an experiment, a local override). Every node with a `_target_` is checked against
@@ -15,13 +15,15 @@ import hydra.utils
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from medens.errors import ConfigError
+from medens.training.value_checks import check_values
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 #: Top-level keys of a training config and their meaning (see conf/train.yaml).
 TRAIN_KEYS = {
     "task_name", "tags", "seed", "train", "test", "ckpt_path", "optimized_metric", "data", "model",
     "callbacks", "logger", "trainer", "paths", "extras", "stage", "notes", "modality", "monitor",
-    "monitor_mode", "cohort",
+    "monitor_mode", "cohort", "resume_any_world_size",
+    "on_existing", "publish", "run_id", "preflight",  # run ownership and preflight (medens/training/run_ownership.py)
 }  # fmt: skip
 
 
@@ -67,9 +69,29 @@ def _check_node(node: Any, path: str) -> None:
             _check_node(item, f"{path}[{i}]")
 
 
+def validate_values(cfg: DictConfig) -> None:
+    """Raise `ConfigError` naming the first value of a wrong type or out of range (key, value, what is
+    allowed), from the `_target_` signatures' annotations and the rule table of
+    `medens.training.value_checks`. Every entry point calls it before any work starts."""
+    check_values(cfg)
+
+
+def validate_resume_checkpoint(cfg: DictConfig) -> None:
+    """A `ckpt_path=` to resume from is read (SHA-256 of a versioned file checked) and its config refused
+    when it names code (`UnsafeCheckpointError`), before any data or model work starts."""
+    path = cfg.get("ckpt_path") if "ckpt_path" in cfg and not OmegaConf.is_missing(cfg, "ckpt_path") else None
+    if path:
+        from medens.checkpoint.safe_build import load_checkpoint_verified, validate_checkpoint
+
+        validate_checkpoint(load_checkpoint_verified(str(path)), str(path))
+
+
 def validate_config(cfg: DictConfig, allowed_top: set[str] = TRAIN_KEYS) -> None:
-    """Raise `ConfigError` naming the first unknown key in `cfg` (top level or under a `_target_`)."""
+    """Raise `ConfigError` naming the first unknown key in `cfg` (top level or under a `_target_`), the first
+    value of a wrong type or range, or (`CheckpointError`) an unsafe or tampered `ckpt_path` to resume from."""
     for key in cfg.keys():
         if key not in allowed_top:
             raise ConfigError(f"unknown config key '{key}' at the top level.{_suggest(str(key), allowed_top)}")
     _check_node(cfg, "")
+    validate_values(cfg)
+    validate_resume_checkpoint(cfg)

@@ -25,6 +25,7 @@ from medens.data.ct.datasets import CTPatchDataset
 from medens.data.ct.geometry import hu_window
 from medens.data.ct.io import SCAN_SUFFIXES
 from medens.data.ct.labels import NoduleRecord, apply_rule, normalise_rule, resolve_label_column
+from medens.data.ct.patients import MISSING_PATIENT_POLICIES, assign_patients
 from medens.data.ct.synthetic import ensure_luna16_synthetic, synthetic_params
 from medens.data.ct.transforms import CTAugment, normalise_augment
 from medens.data.loaders import make_loader
@@ -80,7 +81,11 @@ class CTDataModule(L.LightningDataModule):
     unused) and each fold's held-out patients are ``val``; with ``inner_val_fraction`` > 0 (and
     ``test_fraction=0``) they are ``test`` instead and ``val`` is that fraction of the fold's training
     patients, so early stopping and checkpoint selection never see the held-out fold (nested
-    cross-validation). ``generator`` holds the parameters of
+    cross-validation). LUNA16 annotations name series, not patients: ``series_patient_table`` (a CSV
+    with ``seriesuid`` and ``patient_id``, or the LIDC-IDRI metadata's ``Series UID``/``Subject ID``)
+    maps them; without it and without a ``patient_id`` column, ``missing_patient_ids`` refuses the split
+    (``error``) or warns that two series of one patient may land in different splits (``warn``).
+    ``generator`` holds the parameters of
     :func:`~medens.data.ct.synthetic.generate_luna16_synthetic` used when ``generate_if_missing``.
     ``cache_dir`` defaults to ``$MEDENS_CACHE/ct`` or ``~/.cache/medens/ct``.
     """
@@ -116,8 +121,14 @@ class CTDataModule(L.LightningDataModule):
         on_error: str = "error",
         generate_if_missing: bool = False,
         generator: Mapping[str, Any] | None = None,
+        series_patient_table: str | None = None,
+        missing_patient_ids: str = "warn",
     ) -> None:
         super().__init__()
+        if missing_patient_ids not in MISSING_PATIENT_POLICIES:
+            raise ConfigError(
+                f"missing_patient_ids must be one of {list(MISSING_PATIENT_POLICIES)}, got {missing_patient_ids!r}"
+            )
         if source not in SOURCES:
             raise ConfigError(f"source must be one of {SOURCES}, got {source!r}")
         channels = tuple(_plain(channels))
@@ -189,6 +200,8 @@ class CTDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else _default_cache_dir()
         self.augment_cfg = normalise_augment(_plain(augment))
         self.on_error = on_error
+        self.series_patient_table = series_patient_table
+        self.missing_patient_ids = missing_patient_ids
         self.generate_if_missing = bool(generate_if_missing)
         self.generator = dict(_plain(generator) or {})
         if self.generate_if_missing:
@@ -365,6 +378,8 @@ class CTDataModule(L.LightningDataModule):
             NoduleRecord.from_json({k: v for k, v in it.items() if k != "row"}) for it in manifest["items"]
         ]
         rows = [int(it["row"]) for it in manifest["items"]]
+        records = assign_patients(records, self.source, self.root, self.series_patient_table,
+                                  self.missing_patient_ids)  # fmt: skip
         labels, keep = self._labels(records)
         records = [records[i] for i in keep]
         rows = [rows[i] for i in keep]

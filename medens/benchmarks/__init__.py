@@ -1,0 +1,1 @@
+"""Benchmarks and checks that run as modules (`python -m medens.benchmarks.<name>`)."""

@@ -1,0 +1,63 @@
+"""Strict JSON for every report and metrics file medens writes: NaN and infinities become null.
+
+Python's ``json`` writes bare ``NaN``/``Infinity`` by default, which is not JSON (browsers, ``jq``,
+most other languages refuse the file). Every report goes through :func:`to_strict` and is written with
+``allow_nan=False``, so a NaN can never reach a file unnoticed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def to_strict(obj: Any) -> Any:
+    """A copy of ``obj`` with plain JSON types only: NaN/inf -> None, numpy scalars/arrays -> Python,
+    paths -> str, tuples/sets -> lists."""
+    if obj is None or isinstance(obj, (str, bool)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): to_strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_strict(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    tolist = getattr(obj, "tolist", None)  # numpy scalars and arrays, torch tensors
+    if callable(tolist):
+        return to_strict(tolist())
+    item = getattr(obj, "item", None)
+    if callable(item):
+        return to_strict(item())
+    return str(obj)
+
+
+def dumps_strict(obj: Any, indent: int | None = 2) -> str:
+    """``json.dumps`` of :func:`to_strict` (obj) with ``allow_nan=False``."""
+    return json.dumps(to_strict(obj), indent=indent, allow_nan=False)
+
+
+def write_json_strict(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON atomically (temporary file beside it, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = dumps_strict(obj, indent) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
