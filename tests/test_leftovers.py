@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -80,17 +81,24 @@ def test_killed_promotion_is_rolled_back_and_does_not_burn_the_version(tmp_path)
     orphan = best.parent / "resnet50_v1.1.0_best.pth"
     orphan.write_bytes(best.read_bytes())
     (best.parent / ".resnet50_v1.1.0_best.json.zz11.tmp").write_text("{")
+    # ... and the killed promotion's lock file, naming a process that no longer runs
+    (best.parent / ".resnet50.promote.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname()}))
+    untraced = best.parent.parent / "ct" / "3dcnn_v0.1.0_best.pth"  # versioned, no metadata, no lock: a user's
+    untraced.parent.mkdir()
+    untraced.write_bytes(best.read_bytes())
     assert [str(v.version) for v in list_versions(best.parent)] == ["1.0.0", "1.1.0"]
     # housekeeping reports it (dry run changes nothing) ...
     planned = plan_leftovers(tmp_path, min_age_s=0)
     assert {r.rel for r in planned} >= {"xray/resnet50_v1.1.0_best.pth"}
     assert any("interrupted promotion" in r.reason for r in planned)
+    assert "ct/3dcnn_v0.1.0_best.pth" not in {r.rel for r in planned}
     # ... and the next promotion rolls it back first: 1.1.0 is free again
     again = promote_checkpoint(best, version="1.1.0")
     assert again.path == orphan and again.metadata_path.is_file()
     assert json.loads(again.metadata_path.read_text())["sha256"]
     assert not list(best.parent.glob(".*.tmp"))
     assert first.path.is_file() and [str(v.version) for v in list_versions(best.parent)] == ["1.0.0", "1.1.0"]
+    assert untraced.is_file() and not (best.parent / ".resnet50.promote.lock").exists()
 
 
 def test_pipeline_resumes_an_interrupted_stage_only_with_the_same_config(tmp_path):

@@ -120,6 +120,7 @@ def test_existing_version_is_refused_and_left_untouched(best: Path):
         "resnet50_best.pth",
         "resnet50_v1.1.0_best.pth",
         "resnet50_v1.1.0_best.json",
+        "resnet50_v1.1.0_best.model_card.md",  # written beside every promoted version (issue 15)
     }
 
 

@@ -360,8 +360,11 @@ def promote_checkpoint(
     model_name, role, _ = split_checkpoint_name(src)
     from medens.utils.locking import owned_lock
 
-    with owned_lock(promotion_lock_path(src.parent, model_name), f"promoting {src.name}"):
-        rollback_interrupted_promotions(src.parent, model_name)
+    lock = promotion_lock_path(src.parent, model_name)
+    interrupted = lock.exists()  # a finished promotion removes its lock file; a killed one leaves it
+    with owned_lock(lock, f"promoting {src.name}"):
+        if interrupted:
+            rollback_interrupted_promotions(src.parent, model_name)
         return _promote_locked(src, model_name, role, version, bump, notes, report, registry)
 
 

@@ -340,7 +340,9 @@ def plan_leftovers(saved_models_dir: str | os.PathLike, min_age_s: float = 60.0)
     - `.<name>.<random>.tmp` of a save that never finished (atomic saves name their temp files so; none
       ends in `.pth`), in a folder whose run lock is not held, older than `min_age_s` seconds;
     - a versioned copy without its metadata JSON (a promotion killed between the copy and the metadata,
-      which is written last) whose promotion lock is not held: rolled back, so the version is free again.
+      which is written last) beside the promotion lock file that the killed promotion left (a live
+      promotion holds it; a finished one removes it): rolled back, so the version is free again. A
+      versioned file without metadata and without that trace is not medens' to delete.
     """
     removals = []
     for f in scan(saved_models_dir):
@@ -362,6 +364,7 @@ def plan_leftovers(saved_models_dir: str | os.PathLike, min_age_s: float = 60.0)
             f.kind == "versioned"
             and f.path.suffix in (".pth", ".pt")
             and not f.path.with_suffix(".json").exists()
+            and _promotion_lock(folder, name).exists()  # a killed promotion leaves its lock file behind
             and not lock_is_held(_promotion_lock(folder, name))
         ):
             removals.append(
