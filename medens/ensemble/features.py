@@ -82,15 +82,19 @@ def cached_base_features(
         return compute_base_features(manifest, base, on_error)
     key = features_cache_key(manifest_path, base, [str(p) for p in manifest["patient_id"]])
     path = Path(cache_dir) / f"base_features_{key}.csv"
+    from medens.utils.locking import owned_lock
+
     if path.is_file():
         log.info("base-model features from cache %s", path)
         return pd.read_csv(path, dtype={"patient_id": str})
-    log.info("computing base-model features for %d cases (%s)", len(manifest), ", ".join(base))
-    df = compute_base_features(manifest, base, on_error)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with owned_lock(path.parent / f".{path.stem}.lock", "ensemble feature cache"):
+        if path.is_file():  # computed by another process while we waited
+            return pd.read_csv(path, dtype={"patient_id": str})
+        log.info("computing base-model features for %d cases (%s)", len(manifest), ", ".join(base))
+        df = compute_base_features(manifest, base, on_error)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
     return df
 
 

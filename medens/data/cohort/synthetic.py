@@ -249,7 +249,13 @@ def generate_synthetic_cohort(out_dir: str | os.PathLike, **params: Any) -> Path
 
 def ensure_synthetic_cohort(out_dir: str | os.PathLike, **params: Any) -> bool:
     """Generate unless a cohort with exactly these parameters is there; True when (re)generated."""
+    from medens.utils.locking import owned_lock
+
     if read_stamp(out_dir) == cohort_params(**params):
         return False
-    generate_synthetic_cohort(out_dir, **params)
+    out = Path(out_dir)
+    with owned_lock(out.parent / f".{out.name}.lock", "synthetic cohort generation"):
+        if read_stamp(out) == cohort_params(**params):  # written by another process while we waited
+            return False
+        generate_synthetic_cohort(out, **params)
     return True

@@ -60,19 +60,12 @@ class PatchConfig:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock (fcntl) so concurrent prepare_data calls build a cache once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - non-POSIX: no locking, the atomic rename still holds
-            yield
-            return
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    """Exclusive lock so concurrent prepare_data calls build a cache once; the lock file names its owner
+    (`medens.utils.locking.owned_lock`), and one left by a dead process is taken over with a warning."""
+    from medens.utils.locking import owned_lock
+
+    with owned_lock(path, f"building {path.name.lstrip('.').removesuffix('.lock')}"):
+        yield
 
 
 hash_file = sha256_file  # label tables: small, and their content decides the records

@@ -303,18 +303,25 @@ class BraTSDataModule(L.LightningDataModule):
             ):
                 log.info("wrote synthetic BraTS set to %s (%s)", self.root, self.synthetic)
         if self.cache == "disk":
-            cases, _ = self._discover()
-            ds = self._persistent(cases)
-            for i, case in enumerate(cases):
-                key = self._cache_key(case)
-                if (self.cache_dir / f"{key}.pt").is_file() or self._error_file(key).is_file():
-                    continue
-                try:
-                    ds[i]
-                except Exception as e:
-                    if (err := _data_error(e)) is None:
-                        raise
-                    self._write_error(key, str(err))
+            from medens.utils.locking import owned_lock
+
+            with owned_lock(Path(self.cache_dir) / ".mri-cache.lock", "MRI decoded-volume cache build"):
+                self._fill_disk_cache()
+
+    def _fill_disk_cache(self) -> None:
+        """Decode every case not yet in the disk cache (each file written atomically), recording failures."""
+        cases, _ = self._discover()
+        ds = self._persistent(cases)
+        for i, case in enumerate(cases):
+            key = self._cache_key(case)
+            if (self.cache_dir / f"{key}.pt").is_file() or self._error_file(key).is_file():
+                continue
+            try:
+                ds[i]
+            except Exception as e:
+                if (err := _data_error(e)) is None:
+                    raise
+                self._write_error(key, str(err))
 
     def setup(self, stage: str | None = None) -> None:
         """Discover, validate and split (once); later calls are no-ops."""

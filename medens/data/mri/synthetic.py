@@ -230,12 +230,17 @@ def ensure_synthetic(out_dir: str | Path, **params: Any) -> bool:
 
     Returns True when data was written. A folder holding other (real) data is left alone.
     """
+    from medens.utils.locking import owned_lock
+
     wanted = synthetic_params(**params)
     out = Path(out_dir)
-    marker = read_marker(out)
-    if marker == wanted:
+    if read_marker(out) == wanted:
         return False
-    if out.exists() and any(out.iterdir()) and marker is None:
-        return False  # real data (or foreign files): never touched
-    generate_brats_synthetic(out, overwrite=True, **params)
+    with owned_lock(out.parent / f".{out.name}.lock", "synthetic BraTS generation"):
+        marker = read_marker(out)  # again under the lock: another process may have just written it
+        if marker == wanted:
+            return False
+        if out.exists() and any(out.iterdir()) and marker is None:
+            return False  # real data (or foreign files): never touched
+        generate_brats_synthetic(out, overwrite=True, **params)
     return True
