@@ -177,6 +177,11 @@ def _run_model_stage(
     return summary, outputs
 
 
+def _rounded(value: Any) -> Any:
+    """A metric as the progress line shows it (three decimals); the stage files keep full precision."""
+    return f"{value:.3f}" if isinstance(value, float) else value
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run `cfg.stages` in order; returns {stage: summary}. Needs Hydra initialised (a Hydra app or
     `initialize_config_dir`) for `compose`."""
@@ -243,7 +248,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         if result.get("data_wait_fraction") is not None:  # last training epoch (medens.callbacks.data_wait)
             extra = f"; data wait {100 * result['data_wait_fraction']:.0f}% ({result['images_per_s']:.0f} img/s){extra}"
         print(
-            f"[{i}/{n}] {stage}: done in {seconds:.0f}s; best {stage_cfg.monitor} {result['best_val']}{extra}",
+            f"[{i}/{n}] {stage}: done in {seconds:.0f}s; best {stage_cfg.monitor} {_rounded(result['best_val'])}{extra}",
             flush=True,
         )
     return summary

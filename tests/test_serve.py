@@ -505,3 +505,23 @@ def test_concurrent_requests_are_batched_and_answered_like_single_ones(servers, 
     after = servers["xray"].get("/stats")[1]
     assert after["requests"] - before["requests"] == len(paths)
     assert after["batches"] - before["batches"] < len(paths)  # some requests shared a forward pass
+
+
+def test_served_probabilities_apply_the_manifest_calibration():
+    """The calibration evaluation fitted (recorded in the export manifest) is applied by serving too."""
+    import numpy as np
+
+    from medens.evaluation.calibration import apply_calibration
+    from medens.serving.models import ServedModel
+
+    served = ServedModel.__new__(ServedModel)  # the loaded export is not needed for this step
+    served.label_names = ["Mass", "Nodule"]
+    probs = np.array([[0.2, 0.7], [0.9, 0.1]])
+    served.entry = {"calibration": None}
+    assert np.array_equal(served._calibrated(probs), probs)
+    cal = {"method": "platt", "outputs": {"Mass": {"scale": 0.5, "bias": -0.3}}}
+    served.entry = {"calibration": cal}
+    out = served._calibrated(probs)
+    z = np.log(0.2 / 0.8) * 0.5 - 0.3
+    assert np.isclose(out[0, 0], 1 / (1 + np.exp(-z))) and np.array_equal(out[:, 1], probs[:, 1])
+    assert np.array_equal(out, apply_calibration(probs, cal, ["Mass", "Nodule"]))

@@ -171,16 +171,22 @@ class ServedModel:
             if self.model == "xray":
                 logits = self._forward(torch.stack(items))[0]
                 probs = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-                return list(probs)
+                return list(self._calibrated(probs))
             if self.model == "ct":
                 x = torch.stack(items)
                 flips = FLIPS if self.inference.get("tta_flips") else [()]
                 probs = np.mean([self._ct_prob(torch.flip(x, dims=f) if f else x) for f in flips], axis=0)
-                return list(probs)
+                return list(self._calibrated(probs))
             if self.model == "mri":
                 return [self._segment(x) for x in items]
             xray, ct, mri, present = (torch.stack([it[i] for it in items]) for i in range(4))
             return list(self._forward(xray, ct, mri, present)[0].astype(np.float64))
+
+    def _calibrated(self, probs: np.ndarray) -> np.ndarray:
+        """The post-hoc calibration the manifest records for this export (evaluation applies the same)."""
+        from medens.evaluation.calibration import apply_calibration
+
+        return apply_calibration(probs, self.entry.get("calibration"), self.label_names)
 
     def _ct_prob(self, x: torch.Tensor) -> np.ndarray:
         logits = torch.from_numpy(self._forward(x)[0]).float()
@@ -212,6 +218,7 @@ class ServedModel:
             "sha256": self.sha256,
             "source_checkpoint_sha256": self.source_sha256,
             "label_names": self.label_names,
+            "calibration": (self.entry.get("calibration") or {}).get("method"),
         }
 
 
