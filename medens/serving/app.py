@@ -92,6 +92,11 @@ def create_app(served: ServedModel, settings: Mapping[str, Any]) -> FastAPI:
     async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_bytes:
+            if int(length) <= 4 * max_bytes:
+                # read (and drop) a moderately oversized body first: answering before the client has sent
+                # it makes the client fail on a broken pipe instead of reading the 413
+                async for _ in request.stream():
+                    pass
             raise InputError(f"request body of {int(length)} bytes is over the limit of {max_bytes} bytes "
                              "(max_body_mb)", 413)  # fmt: skip
         chunks, size = [], 0
