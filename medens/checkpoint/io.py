@@ -160,6 +160,20 @@ class LoadReport:
         return "; ".join(parts) or "exact match"
 
 
+def state_dict_report(net: nn.Module, state: dict[str, Any]) -> LoadReport:
+    """Missing, unexpected and wrongly shaped keys of `state` against `net` (what a strict load checks)."""
+    own = net.state_dict()
+    return LoadReport(
+        missing=[k for k in own if k not in state],
+        unexpected=[k for k in state if k not in own],
+        shape_mismatch=[
+            f"{k} (checkpoint {tuple(state[k].shape)} vs network {tuple(own[k].shape)})"
+            for k in own
+            if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+        ],
+    )
+
+
 def load_network_weights(
     net: nn.Module,
     source: str | os.PathLike | dict[str, Any],
@@ -173,16 +187,7 @@ def load_network_weights(
     label = str(source) if not isinstance(source, dict) else "<state dict>"
     ckpt = load_checkpoint(source) if not isinstance(source, dict) else source
     state = ckpt["model_state_dict"] if "model_state_dict" in ckpt else ckpt
-    own = net.state_dict()
-    report = LoadReport(
-        missing=[k for k in own if k not in state],
-        unexpected=[k for k in state if k not in own],
-        shape_mismatch=[
-            f"{k} (checkpoint {tuple(state[k].shape)} vs network {tuple(own[k].shape)})"
-            for k in own
-            if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
-        ],
-    )
+    report = state_dict_report(net, state)
     if strict and not report.exact:
         arch = ckpt.get("hyperparameters", {}).get("model", {}) if isinstance(ckpt, dict) else {}
         hint = f" (checkpoint model config: {arch.get('net', arch)})" if arch else ""
@@ -191,6 +196,6 @@ def load_network_weights(
             "Pass strict=False to load only the matching weights."
         )
     mismatched = {m.split(" ")[0] for m in report.shape_mismatch}
-    loadable = {k: v for k, v in state.items() if k in own and k not in mismatched}
+    loadable = {k: v for k, v in state.items() if k not in report.unexpected and k not in mismatched}
     net.load_state_dict(loadable, strict=False)
     return report

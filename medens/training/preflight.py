@@ -24,7 +24,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from medens.checkpoint.io import LoadReport, lightning_to_medens, medens_to_lightning
+from medens.checkpoint.io import lightning_to_medens, medens_to_lightning, state_dict_report
 from medens.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -95,16 +95,7 @@ def _diff(a: Any, b: Any, path: str) -> str | None:
 def _load_strict(net: torch.nn.Module, state: dict[str, Any], assign: bool) -> None:
     """Load `state` into `net` strictly; names the missing, unexpected and wrongly shaped keys. With
     `assign` (a module built on the meta device) the file's tensors become the module's."""
-    own = net.state_dict()
-    report = LoadReport(
-        missing=[k for k in own if k not in state],
-        unexpected=[k for k in state if k not in own],
-        shape_mismatch=[
-            f"{k} (checkpoint {tuple(state[k].shape)} vs network {tuple(own[k].shape)})"
-            for k in own
-            if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
-        ],
-    )
+    report = state_dict_report(net, state)
     if not report.exact:
         raise CheckpointError(f"checkpoint does not fit {type(net).__name__}: {report.describe()}")
     net.load_state_dict(state, strict=True, assign=assign)
