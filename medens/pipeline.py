@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medens.callbacks.preemption import Preempted
 from medens.errors import ConfigError
-from medens.utils.jsonio import dumps_strict
+from medens.logging_setup import install_warning_filters, log_file, quiet_console
+from medens.utils.jsonio import write_json_strict
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,9 @@ STAGES = ("cohort", "xray", "ct", "mri", "ensemble")
 
 
 def _sha256(path: str | Path) -> str | None:
-    from medens.evaluation.evaluate import sha256_of
+    from medens.utils.hashing import sha256_file
 
-    return sha256_of(path) if Path(path).is_file() else None
+    return sha256_file(path) if Path(path).is_file() else None
 
 
 def stage_digest(stage_cfg: DictConfig, run_dir: Path) -> str:
@@ -66,19 +67,15 @@ class StageStamps:
 
     def write(self, stage: str, digest: str, outputs: Sequence[str], summary: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        p = self.root / f"{stage}.json"
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(dumps_strict({"digest": digest, "outputs": list(outputs), "summary": summary}))  # no NaN
-        os.replace(tmp, p)
+        doc = {"digest": digest, "outputs": list(outputs), "summary": summary}
+        write_json_strict(self.root / f"{stage}.json", doc)
 
     def start(self, stage: str, digest: str) -> None:
         """Record that `stage` started with `digest`: if it is interrupted, the next run with the same digest
         resumes it from its `<name>_last.pth` (see `resume_point`)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        p = self.root / f"{stage}.running.json"
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"digest": digest, "pid": os.getpid(), "started": time.time()}))
-        os.replace(tmp, p)
+        doc = {"digest": digest, "pid": os.getpid(), "started": time.time()}
+        write_json_strict(self.root / f"{stage}.running.json", doc)
 
     def done(self, stage: str) -> None:
         (self.root / f"{stage}.running.json").unlink(missing_ok=True)
@@ -195,9 +192,36 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         validate_config(_compose_stage(cfg, stage, out_root / stage))
     stamps = StageStamps(Path(cfg.paths.log_dir) / "main" / "stages")
     summary: dict[str, Any] = {}
+    install_warning_filters()
+    where = log_file()
+    if where is not None:
+        print(f"main job: {len(cfg.stages)} stages; full log: {where}", flush=True)
+    current: dict[str, Any] = {}
+    with quiet_console():  # INFO lines go to the log file only; the console gets one line per stage
+        try:
+            _run_stages(cfg, out_root, stamps, summary, current)
+        except Preempted:
+            raise
+        except Exception as exc:
+            log.error("stage %s failed", current.get("stage"), exc_info=True)  # the traceback, in the log file
+            seconds = time.perf_counter() - current.get("t0", time.perf_counter())
+            print(
+                f"[{current.get('i')}/{len(cfg.stages)}] {current.get('stage')}: FAILED after {seconds:.0f}s: "
+                f"{type(exc).__name__}: {exc}" + (f"\n  full log: {where}" if where is not None else ""),
+                flush=True,
+            )
+            raise
+    return summary
+
+
+def _run_stages(
+    cfg: DictConfig, out_root: Path, stamps: StageStamps, summary: dict[str, Any], current: dict[str, Any]
+) -> None:
+    """Run the stages in order, filling `summary`; `current` names the stage running (for the failure line)."""
     n = len(cfg.stages)
     for i, stage in enumerate(cfg.stages, start=1):
         t0 = time.perf_counter()
+        current.update(i=i, stage=stage, t0=t0)
         out_dir = out_root / stage
         if stage == "cohort":
             print(f"[{i}/{n}] cohort: generating / checking the cohort ...", flush=True)
@@ -244,11 +268,15 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
                 f"{result['best_single']['method']} {result['best_single']['mean_auc']:.3f}; report {result['report_dir']}"
             )
         elif result.get("report_dir"):
-            extra = f"; report {result['report_dir']}"
+            tests = [
+                f"; test mean {name} {_rounded(result[key])}"
+                for key, name in (("test_mean_auc", "AUC"), ("test_mean_dice", "Dice"))
+                if result.get(key) is not None
+            ]
+            extra = f"{''.join(tests)}; report {result['report_dir']}"
         if result.get("data_wait_fraction") is not None:  # last training epoch (medens.callbacks.data_wait)
             extra = f"; data wait {100 * result['data_wait_fraction']:.0f}% ({result['images_per_s']:.0f} img/s){extra}"
         print(
             f"[{i}/{n}] {stage}: done in {seconds:.0f}s; best {stage_cfg.monitor} {_rounded(result['best_val'])}{extra}",
             flush=True,
         )
-    return summary

@@ -8,14 +8,13 @@ import hydra
 from omegaconf import DictConfig
 
 from medens.pipeline import run_pipeline
-from medens.utils.jsonio import dumps_strict
+from medens.utils.jsonio import write_json_strict
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="main")
 def main(cfg: DictConfig) -> None:
     summary = run_pipeline(cfg)
-    out = Path(cfg.paths.output_dir) / "summary.json"
-    out.write_text(dumps_strict(summary))  # strict JSON: NaN -> null
+    out = write_json_strict(Path(cfg.paths.output_dir) / "summary.json", summary)  # strict JSON: NaN -> null
     report = (summary.get("ensemble") or {}).get("report_dir")
     if report:
         print(f"ensemble report: {report}/report.md (and report.html, roc_curves.png)")

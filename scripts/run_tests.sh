@@ -10,4 +10,10 @@ if [ -z "${MEDENS_SAMPLES:-}" ] && [ -d ../shared/data ]; then
     MEDENS_SAMPLES=$(cd ../shared/data && pwd)
     export MEDENS_SAMPLES
 fi
+# one pytest worker per core when pytest-xdist is installed (MEDENS_TEST_WORKERS=0: one process); a file's
+# tests stay on one worker, so module fixtures are built once
+workers="${MEDENS_TEST_WORKERS:-auto}"
+if [ "$workers" != 0 ] && .venv/bin/python -c "import xdist" 2>/dev/null; then
+    set -- -n "$workers" --dist loadfile "$@"
+fi
 exec .venv/bin/python -m pytest "$@"

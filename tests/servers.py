@@ -1,8 +1,10 @@
-"""Real servers for tests: moto's standalone S3 server and a cuttable TCP proxy (both on loopback)."""
+"""Real servers for tests, all on loopback: moto's standalone S3 server, `mlflow server`, `scripts/serve.py`,
+and a cuttable TCP proxy."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -11,9 +13,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from tests.helpers import PYTHON, ROOT
 
 #: Credentials the moto server accepts (any); tests point every AWS lookup at them, never at ~/.aws.
 AWS_TEST_ENV = {
@@ -83,6 +88,39 @@ def moto_server(folder: Path, port: int | None = None) -> Iterator[dict]:
         yield {"url": url, "proc": proc, "port": port, "log": log_path}
     finally:
         stop(proc)
+        log.close()
+
+
+def mlflow_cli() -> str | None:
+    """The `mlflow` command of this interpreter's environment (or on PATH); None where it is not installed."""
+    here = Path(sys.executable).parent / "mlflow"
+    return str(here) if here.is_file() else shutil.which("mlflow")
+
+
+@contextlib.contextmanager
+def mlflow_server(
+    folder: Path, backend_store_uri: str, artifacts_destination: str, env: dict | None = None,
+    timeout: float = 300.0,
+) -> Iterator[dict]:  # fmt: skip
+    """`mlflow server` as a subprocess on a free loopback port, answering /health; yields {uri, proc, log}.
+    Callers skip first where `mlflow_cli()` is None. Start-up imports all of MLflow: minutes on a loaded CPU."""
+    cli = mlflow_cli()
+    if cli is None:
+        raise RuntimeError("the `mlflow` command is not installed (pip install 'medens[mlflow]')")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log_path = folder / f"mlflow_{port}.log"
+    log = open(log_path, "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(
+        [cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", backend_store_uri, "--artifacts-destination", artifacts_destination],
+        cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    try:
+        wait_http(f"{uri}/health", proc, log_path, timeout=timeout)
+        yield {"uri": uri, "proc": proc, "log": log_path}
+    finally:
+        stop(proc)  # the server and its workers
         log.close()
 
 
@@ -159,3 +197,54 @@ class CuttableProxy:
                     c.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     c.close()
+
+
+class ServeProcess:
+    """`scripts/serve.py` as a subprocess on a free port."""
+
+    def __init__(self, root: Path, *args: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / f"serve_{self.port}.log"
+        self._fh = open(self.log, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [PYTHON, str(ROOT / "scripts" / "serve.py"), *args, f"port={self.port}", "host=127.0.0.1",
+             "threads=1", "hydra.run.dir=outputs/serve_" + str(self.port)],
+            cwd=root, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "MEDENS_ROOT": str(root), "OMP_NUM_THREADS": "1", **(env or {})},
+        )  # fmt: skip
+
+    def wait(self, timeout: float = 120) -> ServeProcess:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.get("/ping")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server did not start: {self.log.read_text()[-4000:]}")
+            time.sleep(0.3)
+
+    def get(self, path: str) -> tuple[int, dict]:
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            return r.status, json.loads(r.read())
+
+    def post(self, body: bytes, ctype: str | None, query: str = "", headers: dict | None = None):
+        req = urllib.request.Request(self.url + "/invocations" + query, data=body, method="POST")
+        if ctype:
+            req.add_header("Content-Type", ctype)
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                data = r.read()
+                return r.status, (
+                    json.loads(data) if r.headers.get_content_type() == "application/json" else data
+                )
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def stop(self) -> None:
+        stop(self.proc)
+        self._fh.close()

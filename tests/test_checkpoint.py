@@ -9,13 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from hydra import compose, initialize_config_dir
 
 from medens.checkpoint import atomic_torch_save, load_checkpoint, load_network_weights
 from medens.checkpoint import io as ckpt_io
 from medens.errors import CheckpointError
-from medens.training.train import train
-from tests.conftest import CONF, TINY_XRAY
+from tests.helpers import TINY_XRAY, plain, train_in_process
 
 DESIGN_KEYS = {
     "epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "train_loss", "val_loss",
@@ -24,12 +22,7 @@ DESIGN_KEYS = {
 
 
 def _train(root: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/run", "logger=none", *TINY_XRAY, *overrides],
-        )
-    return train(cfg)
+    return train_in_process(root, "logger=none", *TINY_XRAY, *overrides)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +41,6 @@ def resnet18_run(tmp_path_factory):
     return root / "saved_models" / "xray", metrics
 
 
-def _plain(obj) -> bool:
-    if isinstance(obj, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in obj.items())
-    if isinstance(obj, list):
-        return all(_plain(v) for v in obj)
-    return obj is None or isinstance(obj, (str, int, float, bool))
-
-
 def test_plain_pytorch_loads_resnet50_weights(resnet50_run):
     path = resnet50_run / "resnet50_best.pth"
     ckpt = torch.load(path, weights_only=True)
@@ -63,7 +48,7 @@ def test_plain_pytorch_loads_resnet50_weights(resnet50_run):
     net = torchvision.models.resnet50(num_classes=14)
     net.load_state_dict(ckpt["model_state_dict"])  # strict: every key matches
     assert torch.equal(net.fc.weight, ckpt["model_state_dict"]["fc.weight"])
-    assert _plain(ckpt["hyperparameters"]), "hyperparameters must be plain containers"
+    assert plain(ckpt["hyperparameters"]), "hyperparameters must be plain containers"
     assert ckpt["hyperparameters"]["model"]["net"]["arch"] == "resnet50"
     assert ckpt["hyperparameters"]["io_contract"]["label_names"][0] == "Atelectasis"
     datetime.fromisoformat(ckpt["timestamp"])

@@ -27,7 +27,7 @@ from medens.checkpoint.safe_build import (
     validate_safe_config,
 )
 from medens.errors import CheckpointError, UnsafeCheckpointError
-from tests.conftest import CONF, TINY_XRAY, run_cli
+from tests.helpers import CONF, TINY_XRAY, run_cli
 
 PATHS_TRIED: list[str] = []  # (payload x path) pairs, counted for the report
 

@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import re
-import socket
 import subprocess
 from pathlib import Path
 
@@ -16,20 +15,15 @@ import torchvision
 
 from medens.checkpoint import load_checkpoint
 from medens.errors import ConfigError
-from tests.conftest import PYTHON, ROOT, TINY_XRAY, cli_ok, run_cli
+from tests.helpers import PYTHON, ROOT, TINY_XRAY, cli_ok, run_cli
+from tests.servers import free_port
 
 BASE = ["experiment=xray", *TINY_XRAY, "test=false", "logger=csv"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun_two_nodes(root: Path, *overrides: str, timeout: int = 400) -> list[str]:
     """Start `torchrun --nnodes=2 --node-rank=0/1 --nproc-per-node=1` as two processes, like two nodes."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MEDENS_ROOT": str(root), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     procs = [
         subprocess.Popen(

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from medens.errors import ConfigError
 from medens.training.validation import validate_config
-from tests.conftest import CONF, TINY_XRAY, run_cli
+from tests.helpers import CONF, TINY_XRAY, run_cli
 
 #: (override(s), fragment the error must contain)
 BAD = [

@@ -14,7 +14,7 @@ from medens.errors import CheckpointError, ConfigError
 from medens.models.xray import XRayClassifier, build_resnet
 from medens.training.train import train
 from medens.training.validation import validate_config
-from tests.conftest import CONF, TINY_XRAY
+from tests.helpers import CONF, TINY_XRAY
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -65,7 +65,7 @@ def test_ddp_sim_trainer_instantiates_real_ddp_strategy(compose_train):
     assert isinstance(trainer.strategy, MedensDDPStrategy) and trainer.num_devices == 2
 
 
-@pytest.mark.parametrize("logger", ["csv", "tensorboard", "mlflow"])
+@pytest.mark.parametrize("logger", ["csv", "tensorboard", pytest.param("mlflow", marks=pytest.mark.slow)])
 def test_loggers_record_a_short_run(compose_train, tmp_path, logger):
     if logger == "mlflow":
         pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
@@ -81,6 +81,7 @@ def test_loggers_record_a_short_run(compose_train, tmp_path, logger):
         assert (tmp_path / "outputs" / "mlflow.db").is_file()
 
 
+@pytest.mark.slow
 def test_overfit_debug_config_drives_loss_down(compose_train):
     cfg = compose_train(*TINY_XRAY, "debug=overfit", "trainer.max_epochs=15", "data.batch_size=4",
                         "model.optimizer.lr=0.003", "logger=none")  # fmt: skip

@@ -13,13 +13,13 @@ from sklearn.metrics import roc_auc_score
 
 from medens.checkpoint import load_checkpoint
 from medens.data.ct.synthetic import generate_luna16_synthetic
-from tests.conftest import assert_same_training_state, cli_ok, run_cli
-from tests.test_ct_model import TINY_CT
+from tests.helpers import TINY_CT, assert_same_training_state, cli_ok, run_cli
 
 BASE = ["experiment=ct", *TINY_CT, "logger=none"]
 #: One intra-op thread: tiny 3D nets gain nothing from more, and OpenMP threads spinning on a shared CPU
 #: can slow a run tenfold.
 THREADS = {"OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.slow  # every test trains (or fails to) through the CLI
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_bad_luna16_input_fails_clearly_or_is_skipped_and_counted(tmp_path):
     common = [
         *BASE,
         f"data.root={data}",
-        "data.generate_if_missing=false",
+        "data.source.generate_if_missing=false",
         "trainer.max_epochs=1",
         "test=false",
     ]

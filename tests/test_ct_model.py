@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from monai.networks.nets import ResNet, resnet18, resnet34
 
 from medens.checkpoint import load_checkpoint, load_network_weights
@@ -19,24 +18,7 @@ from medens.errors import CheckpointError, ConfigError
 from medens.evaluation.classification import threshold_for_sensitivity
 from medens.models.ct import CTClassifier, count_parameters
 from medens.training.train import train
-from tests.conftest import CONF
-
-#: Overrides that shrink the CT run for tests: 16^3 patches, an 8-64-channel ResNet-18, 8 small scans.
-TINY_CT = [
-    "model.net.widen_factor=0.125",
-    "model.net.conv1_t_size=3",
-    "model.net.conv1_t_stride=2",
-    "data.patch_size=16",
-    "data.generator.n_patients=8",
-    "data.generator.nodules_per_patient=4",
-    "data.generator.scan_shape=[64,64,48]",
-    "data.batch_size=4",
-    "data.val_fraction=0.25",
-    "data.test_fraction=0.25",
-    "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-]
+from tests.helpers import TINY_CT, compose
 
 DESIGN_KEYS = {
     "epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "train_loss", "val_loss",
@@ -45,11 +27,7 @@ DESIGN_KEYS = {
 
 
 def _compose(root: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/run", "logger=none", *overrides],
-        )
+    return compose("train", "logger=none", *overrides, root=root)
 
 
 def _net_args(ckpt: dict) -> dict:
@@ -207,7 +185,8 @@ def test_threshold_for_sensitivity_is_the_highest_reaching_the_target():
 def test_nested_folds_hold_out_test_patients_and_validate_on_training_patients(ct_run):
     root, _, _, objects = ct_run
     kw = dict(objects["datamodule"].hparams)
-    kw.update(n_folds=3, test_fraction=0.0, inner_val_fraction=0.25, generate_if_missing=False)
+    kw.update(n_folds=3, test_fraction=0.0, inner_val_fraction=0.25,
+              source={**kw["source"], "generate_if_missing": False})
     held_out = []
     for fold in range(3):
         dm = CTDataModule(**{**kw, "fold": fold})

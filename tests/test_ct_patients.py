@@ -9,7 +9,7 @@ import logging
 import pandas as pd
 import pytest
 
-from medens.data.ct import CTDataModule
+from medens.data.ct import CTDataModule, Luna16Reader
 from medens.data.ct.synthetic import generate_luna16_synthetic
 from medens.errors import DataError
 
@@ -28,7 +28,7 @@ def luna_no_patients(tmp_path_factory):
 
 def _dm(data, cache, **kw):
     return CTDataModule(root=str(data), patch_size=16, val_fraction=0.25, test_fraction=0.25, seed=3,
-                        cache_dir=str(cache), augment=False, **kw)  # fmt: skip
+                        cache_dir=str(cache), augment=False, source=Luna16Reader(**kw))  # fmt: skip
 
 
 def test_without_patient_ids_the_split_refuses_or_warns(luna_no_patients, caplog):
@@ -52,7 +52,7 @@ def test_two_series_of_one_patient_land_in_the_same_split(luna_no_patients, tmp_
     for seed in range(6):  # whichever seed: never across splits
         dm = CTDataModule(root=str(data), patch_size=16, val_fraction=0.25, test_fraction=0.25, seed=seed,
                           cache_dir=str(cache), augment=False,
-                          series_patient_table=str(tmp_path / "lidc_metadata.csv"))  # fmt: skip
+                          source=Luna16Reader(series_patient_table=str(tmp_path / "lidc_metadata.csv")))  # fmt: skip
         dm.setup()
         where = {s: {r.series_uid for r in dm.datasets[s].records} for s in ("train", "val", "test")}
         holding = [s for s, uids in where.items() if series[0] in uids or series[1] in uids]

@@ -15,9 +15,10 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import PYTHON, ROOT, cli_ok
+from tests.helpers import PYTHON, ROOT, cli_ok
 
 pytest.importorskip("dvc", reason="DVC is not installed (the optional `dvc` extra: pip install -e .[dvc])")
+pytestmark = pytest.mark.slow  # every test reads one real `dvc repro` of the whole tiny pipeline
 
 STAGES = ["cohort", "xray", "ct", "mri", "ensemble", "export"]
 BASE_CHECKPOINTS = ["xray/resnet18_best.pth", "ct/3dcnn_best.pth", "mri/unet_best.pth"]

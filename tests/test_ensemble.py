@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import cli_ok, run_cli
+from tests.helpers import cli_ok, run_cli
 
 TARGETS = ["malignancy", "progression"]
 
@@ -34,6 +34,7 @@ def _summary(root: Path) -> dict:
     return json.loads(latest.read_text())
 
 
+@pytest.mark.slow
 def test_pipeline_writes_the_ensemble_layout_and_report(pipeline_root: Path):
     ens = pipeline_root / "saved_models" / "ensemble"
     assert {p.name for p in ens.iterdir()} >= {
@@ -50,11 +51,11 @@ def test_pipeline_writes_the_ensemble_layout_and_report(pipeline_root: Path):
     # the default meta-learner: two hidden layers (256, 160) over 22 features + 3 indicators -> 2 targets
     assert n_params == (25 * 256 + 256) + (256 * 160 + 160) + (160 * 2 + 2)
     # which base checkpoints fed it, by path and SHA-256 (of the files as they are on disk)
-    from medens.evaluation.evaluate import sha256_of
+    from medens.utils.hashing import sha256_file
 
     for m in ("xray", "ct", "mri"):
         rec = contract["base_checkpoints"][m]
-        assert sha256_of(rec["path"]) == rec["sha256"]
+        assert sha256_file(rec["path"]) == rec["sha256"]
     history = json.loads((ens / "ensemble_history.json").read_text())
     assert history and "val/auc" in json.dumps(history)
     report = Path(_summary(pipeline_root)["ensemble"]["report_dir"])
@@ -70,6 +71,7 @@ def test_pipeline_writes_the_ensemble_layout_and_report(pipeline_root: Path):
     assert "meta_learner" in (report / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_weighted_average_json_weights_on_the_simplex(pipeline_root: Path):
     wa = json.loads((pipeline_root / "saved_models" / "ensemble" / "weighted_average.json").read_text())
     assert wa["objective"] == "auc" and wa["fit_on"]["n_patients"] > 0
@@ -79,6 +81,7 @@ def test_weighted_average_json_weights_on_the_simplex(pipeline_root: Path):
         assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_no_case_is_in_a_base_training_set_and_the_meta_learners_data(pipeline_root: Path):
     manifest = pd.read_csv(pipeline_root / "data" / "cohort" / "manifest.csv", dtype={"patient_id": str})
     used = set(manifest.loc[manifest["split"].isin(["meta", "test"]), "patient_id"])
@@ -100,6 +103,7 @@ def test_no_case_is_in_a_base_training_set_and_the_meta_learners_data(pipeline_r
     assert not set(preds["patient_id"]) & meta_seen
 
 
+@pytest.mark.slow
 def test_rerun_skips_up_to_date_stages_and_force_reruns_one(pipeline_root: Path):
     out = cli_ok(
         run_cli(
@@ -135,6 +139,7 @@ def _datamodule(root: Path, **overrides):
     return EnsembleDataModule(**kwargs)
 
 
+@pytest.mark.slow
 def test_base_models_are_frozen_and_unchanged_by_the_stacking_stage(pipeline_root: Path):
     dm = _datamodule(pipeline_root)
     dm.setup("fit")
@@ -169,6 +174,7 @@ def test_base_models_are_frozen_and_unchanged_by_the_stacking_stage(pipeline_roo
     assert row is not None
 
 
+@pytest.mark.slow
 def test_missing_modality_at_train_and_predict_time(pipeline_root: Path):
     dm = _datamodule(pipeline_root)
     dm.setup("fit")
@@ -203,6 +209,7 @@ def test_missing_modality_at_train_and_predict_time(pipeline_root: Path):
     assert not all(torch.equal(outs[0], o) for o in outs[1:])  # the indicators change the prediction
 
 
+@pytest.mark.slow
 def test_missing_base_model_errors_or_stacks_the_rest(pipeline_root: Path, tmp_path: Path):
     from medens.errors import ConfigError
 
@@ -220,6 +227,7 @@ def test_missing_base_model_errors_or_stacks_the_rest(pipeline_root: Path, tmp_p
     assert not any(n.startswith("mri.") for n in dm.feature_names)
 
 
+@pytest.mark.slow
 def test_wrong_modality_checkpoint_is_refused(pipeline_root: Path):
     from medens.ensemble.base_models import load_frozen_base_model
     from medens.errors import CheckpointError
@@ -230,6 +238,7 @@ def test_wrong_modality_checkpoint_is_refused(pipeline_root: Path):
         load_frozen_base_model("xray", pipeline_root / "saved_models" / "ct" / "3dcnn_best.pth")
 
 
+@pytest.mark.slow
 def test_leaked_patient_is_refused(pipeline_root: Path, tmp_path: Path):
     from medens.ensemble.datamodule import LeakageError
 
@@ -366,6 +375,7 @@ def test_cohort_generator_is_deterministic_and_refuses_foreign_folders(tmp_path:
 
 
 # -- the whole ensemble as one module, and its traced export -----------------------------------------
+@pytest.mark.slow
 def test_stacked_ensemble_matches_the_stacking_stage_features(pipeline_root: Path):
     from medens.data.cohort.manifest import load_manifest
     from medens.data.xray import build_transforms, load_xray_image
@@ -399,6 +409,7 @@ def test_stacked_ensemble_matches_the_stacking_stage_features(pipeline_root: Pat
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_ensemble_traced_export_runs_without_medens(pipeline_root: Path, tmp_path: Path):
     import subprocess
     import sys

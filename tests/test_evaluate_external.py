@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.conftest import CONF, TINY_XRAY, cli_ok, run_cli
+from tests.helpers import cli_ok, compose, copy_root, run_cli
 
 pytestmark = pytest.mark.slow
 THREADS = {"OMP_NUM_THREADS": "1"}
@@ -27,23 +27,15 @@ def _strict(text: str):
 
 
 def _compose(name: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    import medens  # noqa: F401  (resolvers)
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+    return compose(name, *overrides)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tiny_models: Path, tmp_path_factory):
+    """The session's tiny X-ray model (one epoch, TINY_XRAY) in a copy of its root, and an external set."""
     from medens.data.synthetic_xray import ensure_synthetic_nih
-    from medens.training.train import train
 
-    root = tmp_path_factory.mktemp("ext")
-    cfg = _compose("train", [f"paths.root_dir={root}", f"paths.output_dir={root}/run", *TINY_XRAY,
-                             "trainer.max_epochs=1", "test=false", "logger=none"])  # fmt: skip
-    train(cfg)
+    root = copy_root(tiny_models, tmp_path_factory.mktemp("ext"))
     ckpt = root / "saved_models" / "xray" / "resnet18_best.pth"
     assert ckpt.is_file()
     external = ensure_synthetic_nih(root / "other_hospital", n_patients=14, images_per_patient=2, image_size=48,

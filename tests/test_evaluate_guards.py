@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from medens.checkpoint.io import CHECKPOINT_FORMAT, atomic_torch_save
 from medens.errors import ConfigError, RegistryError
-from tests.conftest import CONF, TINY_XRAY, run_cli
+from tests.helpers import CONF, TINY_XRAY, run_cli
 
 
 def _compose(root: Path, name: str, *overrides: str):

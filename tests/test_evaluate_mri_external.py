@@ -10,26 +10,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.test_evaluate_external import _compose
-from tests.test_mri_model import TINY_MRI
+from tests.helpers import compose, copy_root
 
 pytestmark = pytest.mark.slow
 
 
-def test_mri_external_folder_all_cases_with_intervals(tmp_path):
+def test_mri_external_folder_all_cases_with_intervals(tiny_models, tmp_path):
     from medens.data.mri.synthetic import generate_brats_synthetic
     from medens.evaluation.evaluate import evaluate
     from medens.evaluation.statistics import PatientBootstrap, weighted_mean
-    from medens.training.train import train
 
-    cfg = _compose("train", [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", *TINY_MRI,
-                             "trainer.max_epochs=1", "test=false", "logger=none"])  # fmt: skip
-    train(cfg)
+    # the session's tiny MRI model (one epoch, TINY_MRI), copied: evaluation writes beside it
+    copy_root(tiny_models / "saved_models" / "mri", tmp_path / "saved_models" / "mri")
     ckpt = tmp_path / "saved_models" / "mri" / "unet_best.pth"
     other = generate_brats_synthetic(tmp_path / "other_site", n_cases=4, shape=(40, 40, 32), seed=9)
-    ecfg = _compose("evaluate", [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/eval",
-                                 f"ckpt_path={ckpt}", f"+data.root={other}", "split=all",
-                                 "bootstrap.n_resamples=100"])  # fmt: skip
+    ecfg = compose("evaluate", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/eval",
+                   f"ckpt_path={ckpt}", f"+data.root={other}", "split=all", "bootstrap.n_resamples=100")  # fmt: skip
     report = evaluate(ecfg)
     out = tmp_path / "eval"
     cases = sorted(p.name for p in other.iterdir() if p.is_dir())
@@ -49,4 +45,5 @@ def test_mri_external_folder_all_cases_with_intervals(tmp_path):
     pred = pd.read_csv(out / "predictions.csv")
     assert sorted(pred["case_id"]) == cases and (out / pred["prediction"].iloc[0]).is_file()
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "dice_wt" in html
+    # four case overlays and the voxel reliability diagram, each embedded (one self-contained file)
+    assert html.count("data:image/png;base64,") == 5 and "dice_wt" in html and (out / "reliability.png").is_file()

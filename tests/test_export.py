@@ -16,8 +16,9 @@ from torch import nn
 from medens.checkpoint.io import CHECKPOINT_FORMAT, atomic_torch_save
 from medens.data.xray import NIH_LABELS
 from medens.errors import CheckpointError, ConfigError, ExportError
-from medens.export import core, export_checkpoints, export_module, load_runner, sha256_file
-from tests.conftest import PYTHON, cli_ok, run_cli
+from medens.export import core, export_checkpoints, export_module, load_runner
+from medens.utils.hashing import sha256_file
+from tests.helpers import PYTHON, cli_ok, run_cli
 
 # Small stand-ins for the production networks, in the configs the real checkpoints carry.
 XRAY_NET = dict(_target_="medens.models.xray.build_resnet", arch="resnet18", num_classes=14, in_channels=3,
@@ -119,6 +120,7 @@ def _cfg(tmp_path: Path, root: Path, **overrides) -> dict:
     return cfg
 
 
+@pytest.mark.slow
 def test_cli_writes_verified_exports_and_manifest(root, exported):
     out_dir, manifest = exported
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
@@ -180,6 +182,7 @@ LOADER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_exports_reproduce_eager_in_a_process_without_medens(root, exported, tmp_path):
     out_dir, _ = exported
     gen = torch.Generator().manual_seed(123)

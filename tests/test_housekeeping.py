@@ -20,7 +20,7 @@ from medens.storage import (
     scan,
     storage_report,
 )
-from tests.conftest import cli_ok, run_cli
+from tests.helpers import cli_ok, run_cli
 
 DAY = date(2024, 3, 9)
 
@@ -315,6 +315,7 @@ def test_missing_saved_models_is_a_clear_error(tmp_path):
     assert not (tmp_path / "archives").exists()
 
 
+@pytest.mark.slow
 def test_cli_report_dry_run_prune_archive(tmp_path):
     saved = make_tree(tmp_path)
     out = cli_ok(run_cli("housekeeping.py", "format=json", root=tmp_path, timeout=120))

@@ -18,7 +18,7 @@ from medens.pipeline import StageStamps
 from medens.registry import list_versions, promote_checkpoint
 from medens.storage.housekeeping import plan_leftovers, run_housekeeping
 from medens.training.run_ownership import remove_leftover_temp_files
-from tests.test_versioning import make_checkpoint
+from tests.helpers import make_checkpoint
 
 
 def _old(p: Path, age: float = 3600) -> Path:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
-from tests.conftest import cli_ok, run_cli
+import pytest
+
+from tests.helpers import cli_ok, run_cli
+
+pytestmark = pytest.mark.slow  # the main job as a process
 
 
 def test_main_job_runs_selected_stages_and_writes_summary(tmp_path):

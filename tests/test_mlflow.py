@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from medens.errors import RegistryError
 from medens.registry import MlflowRegistry, list_versions, promote_checkpoint, versioning
-from tests.conftest import TINY_XRAY, cli_ok, run_cli
-from tests.test_versioning import folder_names, make_checkpoint
+from tests import servers
+from tests.helpers import TINY_XRAY, cli_ok, folder_names, make_checkpoint, run_cli
+from tests.servers import free_port, mlflow_cli
 
 mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -29,12 +24,6 @@ QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 def _no_telemetry(monkeypatch):
     for key, value in QUIET.items():
         monkeypatch.setenv(key, value)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def sqlite_uri(path: Path) -> str:
@@ -49,6 +38,7 @@ def best(tmp_path: Path) -> Path:
 # --- (a) training with logger=mlflow into the embedded SQLite store ---------------------------------------
 
 
+@pytest.mark.slow
 def test_training_logs_params_metrics_and_artifacts(compose_train, tmp_path, monkeypatch):
     from medens.training.train import train
 
@@ -99,6 +89,7 @@ def test_artifact_callback_is_a_no_op_without_mlflow_logger(compose_train, tmp_p
 # --- promotion registered in the local SQLite store, through the real CLI ----------------------------------
 
 
+@pytest.mark.slow
 def test_promote_cli_registers_in_default_sqlite_store(tmp_path: Path):
     best = make_checkpoint(tmp_path / "saved_models" / "xray" / "resnet50_best.pth")
     out = cli_ok(run_cli("promote.py", "ckpt_path=saved_models/xray/resnet50_best.pth", "version=1.1.0",
@@ -124,52 +115,16 @@ def test_promote_cli_registers_in_default_sqlite_store(tmp_path: Path):
 # --- (b) a real tracking server ---------------------------------------------------------------------------
 
 
-def _mlflow_cli() -> str | None:
-    here = Path(sys.executable).parent / "mlflow"
-    return str(here) if here.is_file() else shutil.which("mlflow")
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    cli = _mlflow_cli()
-    if cli is None:
+    if mlflow_cli() is None:
         pytest.skip("the `mlflow` command is not installed (pip install 'medens[mlflow]')")
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    cmd = [cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", sqlite_uri(root / "server.db"), "--artifacts-destination", str(root / "artifacts")]  # fmt: skip
-    log = open(root / "server.log", "w")  # noqa: SIM115 (closed at teardown)
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **QUIET})  # fmt: skip
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}"
-                )
-            time.sleep(0.3)
-        yield {"uri": uri, "root": root}
-    finally:
-        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):  # the server and its workers
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
+    with servers.mlflow_server(root, sqlite_uri(root / "server.db"), str(root / "artifacts"), env=QUIET) as server:
+        yield {"uri": server["uri"], "root": root}
 
 
+@pytest.mark.slow
 def test_promote_registers_on_server(mlflow_server, best: Path, tmp_path: Path):
     uri = mlflow_server["uri"]
     registry = MlflowRegistry(tracking_uri=uri, experiment_name="medens-registry-test")

@@ -14,11 +14,12 @@ import pytest
 from medens.checkpoint import load_checkpoint
 from medens.data.mri import map_labels, resolve_label_map
 from medens.metrics.segmentation import segmentation_dice
-from tests.conftest import assert_same_training_state, cli_ok, run_cli
-from tests.test_mri_model import TINY_MRI
+from tests.helpers import TINY_MRI, assert_same_training_state, cli_ok, run_cli
 
 COMMON = [*TINY_MRI, "trainer.max_epochs=3", "trainer.deterministic=true", "test=false", "logger=none",
           "callbacks.model_checkpoint_periodic.every_n_epochs=1"]  # fmt: skip
+
+pytestmark = pytest.mark.slow  # every test trains through the CLI
 
 
 def _eval_run(root: Path) -> Path:
@@ -121,7 +122,8 @@ def test_real_brats2015_experiment_short(tmp_path, samples_dir: Path):
     folder = tmp_path / "saved_models" / "mri"
     ckpt = load_checkpoint(folder / "unet_best.pth")
     hyper = ckpt["hyperparameters"]
-    assert hyper["data"]["root"] == f"{samples_dir}/brats2015" and hyper["data"]["label_preset"] == "brats2015"
+    assert hyper["data"]["root"] == f"{samples_dir}/brats2015"
+    assert hyper["data"]["source"]["label_preset"] == "brats2015"
     assert hyper["io_contract"]["channels"] == ["flair", "t1ce"] and hyper["model"]["net"]["in_channels"] == 2
     history = json.loads((folder / "training_history.json").read_text())["epochs"]
     assert len(history) == 1 and 0.0 <= history[0]["val/dice_wt"] <= 1.0

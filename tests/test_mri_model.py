@@ -19,22 +19,8 @@ from medens.checkpoint import load_checkpoint, load_network_weights
 from medens.errors import CheckpointError, ConfigError
 from medens.models.mri import UNetSegmenter
 from medens.training.train import train
-from tests.conftest import CONF
+from tests.helpers import CONF, TINY_MRI, plain
 
-#: Overrides that shrink the MRI run for tests (the default experiment keeps its meaning).
-TINY_MRI = [
-    "experiment=mri",
-    "model.net.channels=[4,8,16]",
-    "model.net.strides=[2,2]",
-    "model.net.num_res_units=1",
-    "data.patch_size=[32,32,32]",
-    "data.samples_per_volume=2",
-    "data.synthetic.n_cases=5",
-    "data.synthetic.shape=[40,40,32]",
-    "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-]
 DESIGN_KEYS = {
     "epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "train_loss", "val_loss",
     "val_dice", "best_metric", "hyperparameters", "timestamp",
@@ -62,14 +48,6 @@ def tiny_run(tmp_path_factory):
 
 def _net_args(ckpt: dict) -> dict:
     return {k: v for k, v in ckpt["hyperparameters"]["model"]["net"].items() if not k.startswith("_")}
-
-
-def _plain(obj) -> bool:
-    if isinstance(obj, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in obj.items())
-    if isinstance(obj, list):
-        return all(_plain(v) for v in obj)
-    return obj is None or isinstance(obj, (str, int, float, bool))
 
 
 def test_default_experiment_is_the_seed_size_unet(tmp_path):
@@ -109,7 +87,7 @@ def test_plain_pytorch_loads_the_unet(tiny_run):
     assert DESIGN_KEYS <= set(ckpt)
     net = UNet(**_net_args(ckpt))  # the bare MONAI network, no medens code
     net.load_state_dict(ckpt["model_state_dict"])  # strict: every key matches
-    assert _plain(ckpt["hyperparameters"]), "hyperparameters must be plain containers"
+    assert plain(ckpt["hyperparameters"]), "hyperparameters must be plain containers"
     contract = ckpt["hyperparameters"]["io_contract"]
     assert contract["channels"] == ["t1", "t1ce", "t2", "flair"]
     assert contract["label_names"] == ["background", "necrotic_core", "edema", "enhancing"]

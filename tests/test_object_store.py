@@ -14,9 +14,8 @@ import torch
 
 from medens.registry import promote_checkpoint
 from medens.registry.object_store import MARKER_NAME, ModelStore, StoreError, StoreSettings
-from tests.conftest import cli_ok, run_cli
+from tests.helpers import cli_ok, make_checkpoint, run_cli
 from tests.servers import AWS_TEST_ENV, CuttableProxy, make_bucket, moto_server, s3_client
-from tests.test_versioning import make_checkpoint
 
 pytest.importorskip("boto3", reason="the serve extra (boto3) is not installed")
 pytest.importorskip("moto", reason="moto[server] (dev extra) is not installed")
@@ -291,55 +290,32 @@ def test_mlflow_server_with_its_artifact_store_on_the_bucket(s3, bucket, tmp_pat
     """`mlflow server --artifacts-destination s3://<bucket>/mlflow`: a promotion logs a run (the versioned
     checkpoint and its metadata as artifacts) and registers a model; the artifacts are objects in the bucket."""
     pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
-    import subprocess
-
     from medens.registry import MlflowRegistry
-    from tests.servers import free_port, stop, wait_http
-    from tests.test_mlflow import _mlflow_cli
+    from tests.servers import mlflow_cli, mlflow_server
 
-    cli = _mlflow_cli()
-    if cli is None:
+    if mlflow_cli() is None:
         pytest.skip("the `mlflow` command is not installed (pip install 'medens[mlflow]')")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        **AWS_TEST_ENV,
-        "MLFLOW_S3_ENDPOINT_URL": s3["url"],
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    log_path = tmp_path / "mlflow.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [cli, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-             "--artifacts-destination", f"s3://{bucket}/mlflow"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path, env=env,
-        )  # fmt: skip
-        try:
-            wait_http(f"{uri}/health", proc, log_path, timeout=120)
-            # the first API call creates the tables: wait for it here, not inside the registry's 10 s check
-            import urllib.request
+    env = {**AWS_TEST_ENV, "MLFLOW_S3_ENDPOINT_URL": s3["url"], "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with mlflow_server(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", f"s3://{bucket}/mlflow", env=env) as server:
+        uri = server["uri"]
+        # the first API call creates the tables: wait for it here, not inside the registry's 10 s check
+        import urllib.request
 
-            with urllib.request.urlopen(
-                f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=180
-            ):
-                pass
-            best = make_checkpoint(tmp_path / "saved_models" / "xray" / "resnet50_best.pth")
-            res = promote_checkpoint(
-                best,
-                version="1.0.0",
-                registry=MlflowRegistry(tracking_uri=uri, experiment_name="s3-test", timeout_s=120),
-            )
-            from mlflow.tracking import MlflowClient
+        with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=180):
+            pass
+        best = make_checkpoint(tmp_path / "saved_models" / "xray" / "resnet50_best.pth")
+        res = promote_checkpoint(
+            best,
+            version="1.0.0",
+            registry=MlflowRegistry(tracking_uri=uri, experiment_name="s3-test", timeout_s=120),
+        )
+        from mlflow.tracking import MlflowClient
 
-            client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-            mv = client.get_model_version("medens-xray-resnet50", res.registry["model_version"])
-            assert mv.tags["medens.sha256"] == res.metadata["sha256"]
-            objects = s3_client(s3["url"]).list_objects_v2(Bucket=bucket, Prefix="mlflow/")["Contents"]
-            ckpts = [o for o in objects if o["Key"].endswith("/resnet50_v1.0.0_best.pth")]
-            assert len(ckpts) == 1 and ckpts[0]["Size"] == res.path.stat().st_size
-            body = s3_client(s3["url"]).get_object(Bucket=bucket, Key=ckpts[0]["Key"])["Body"].read()
-            assert body == res.path.read_bytes()
-        finally:
-            stop(proc)
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        mv = client.get_model_version("medens-xray-resnet50", res.registry["model_version"])
+        assert mv.tags["medens.sha256"] == res.metadata["sha256"]
+        objects = s3_client(s3["url"]).list_objects_v2(Bucket=bucket, Prefix="mlflow/")["Contents"]
+        ckpts = [o for o in objects if o["Key"].endswith("/resnet50_v1.0.0_best.pth")]
+        assert len(ckpts) == 1 and ckpts[0]["Size"] == res.path.stat().st_size
+        body = s3_client(s3["url"]).get_object(Bucket=bucket, Key=ckpts[0]["Key"])["Body"].read()
+        assert body == res.path.read_bytes()

@@ -23,7 +23,7 @@ import torch
 import torchvision
 
 from medens.checkpoint import load_checkpoint
-from tests.conftest import PYTHON, ROOT, TINY_XRAY, assert_same_training_state, cli_ok, run_cli
+from tests.helpers import PYTHON, ROOT, TINY_XRAY, assert_same_training_state, cli_ok, run_cli
 
 COMMON = ["experiment=xray", *TINY_XRAY, "data.batch_size=2", "test=false", "logger=none",
           "trainer.deterministic=true", "callbacks.model_checkpoint_periodic.every_n_epochs=1"]  # fmt: skip
@@ -92,6 +92,7 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigusr1_when_configured_preempts_with_status_138(tmp_path):
     folder = tmp_path / "saved_models" / "xray"
     run, log = start(

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medens.models.base import MedensModule
 from medens.training.preflight import Preflight, PreflightError
-from tests.conftest import TINY_XRAY, run_cli
+from tests.helpers import TINY_XRAY, run_cli
 
 
 class Tiny(MedensModule):
@@ -88,6 +88,7 @@ def test_unwritable_folder_stops_before_training(tmp_path):
     assert Tiny.steps == 0
 
 
+@pytest.mark.slow
 def test_cli_unwritable_saved_models_is_an_error_naming_the_folder(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

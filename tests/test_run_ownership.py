@@ -19,11 +19,12 @@ import pytest
 import torch
 
 from medens.checkpoint import load_checkpoint
-from tests.conftest import PYTHON, ROOT, TINY_XRAY, cli_ok, run_cli
+from tests.helpers import PYTHON, ROOT, TINY_XRAY, cli_ok, run_cli
 
 BASE = ["experiment=xray", *TINY_XRAY, "test=false", "logger=none", "trainer.max_epochs=2",
         "callbacks.model_checkpoint_periodic.every_n_epochs=1"]  # fmt: skip
 ENV = {"OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.slow  # every scenario runs real training processes through the CLI
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """The inference endpoint as a client uses it: `scripts/serve.py` started as a process, spoken to over HTTP.
 
-One session fixture trains tiny X-ray, CT and MRI models (one epoch each), exports them (TorchScript, ONNX),
-stacks them into an ensemble export, and runs `scripts/evaluate.py` on the X-ray model; every test then
-talks to real servers.
+A module fixture takes the session's tiny X-ray, CT and MRI models (`tiny_models`: one epoch each), exports
+them (TorchScript, ONNX), stacks them into an ensemble export, and runs `scripts/evaluate.py` on the X-ray
+model; every test then talks to real servers.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import io
 import json
 import os
 import subprocess
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -24,30 +21,15 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import CONF, PYTHON, ROOT, TINY_XRAY, cli_ok, run_cli
-from tests.servers import AWS_TEST_ENV, free_port, stop
-from tests.test_ct_model import TINY_CT
-from tests.test_mri_model import TINY_MRI
+from tests.helpers import PYTHON, ROOT, cli_ok, copy_root, run_cli
+from tests.servers import AWS_TEST_ENV, ServeProcess, free_port, stop
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed")
 
-QUIET = ["trainer.max_epochs=1", "test=false", "logger=none", "trainer.enable_progress_bar=false"]
 TARGETS = ["xray_torchscript", "ct_onnx", "mri_torchscript"]
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-def _train(root: Path, overrides: list[str]) -> None:
-    from hydra import compose, initialize_config_dir
-
-    import medens  # noqa: F401  (resolvers)
-    from medens.training.train import train
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/run",
-                                                      *overrides, *QUIET])  # fmt: skip
-    train(cfg)
-
-
 def _fake_meta_learner(root: Path) -> Path:
     """A meta-learner checkpoint over the three tiny base models (untrained MLP: the stacking stage has
     its own tests; here only the served ensemble must equal the traced one)."""
@@ -87,11 +69,9 @@ def _fake_meta_learner(root: Path) -> Path:
 
 
 def build_served_root(root: Path) -> Path:
-    """Tiny trained models, their exports (+ the ensemble) and an X-ray evaluation in `root`."""
+    """The session's tiny trained models (copied into `root`), their exports (+ the ensemble) and an X-ray
+    evaluation."""
     env = {"OMP_NUM_THREADS": "1"}
-    _train(root, [*TINY_XRAY])
-    _train(root, ["experiment=ct", *TINY_CT])
-    _train(root, [*TINY_MRI])
     _fake_meta_learner(root)
     cli_ok(run_cli("export.py", f"targets=[{','.join(TARGETS)},ensemble_traced]",
                    "checkpoints.xray=${paths.saved_models_dir}/xray/resnet18_best.pth", root=root, env=env))  # fmt: skip
@@ -101,60 +81,9 @@ def build_served_root(root: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def served_root(tmp_path_factory) -> Path:
-    return build_served_root(tmp_path_factory.mktemp("serve"))
-
-
-class Server:
-    """`scripts/serve.py` as a subprocess on a free port."""
-
-    def __init__(self, root: Path, *args: str, env: dict | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / f"serve_{self.port}.log"
-        self._fh = open(self.log, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [PYTHON, str(ROOT / "scripts" / "serve.py"), *args, f"port={self.port}", "host=127.0.0.1",
-             "threads=1", "hydra.run.dir=outputs/serve_" + str(self.port)],
-            cwd=root, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "MEDENS_ROOT": str(root), "OMP_NUM_THREADS": "1", **(env or {})},
-        )  # fmt: skip
-
-    def wait(self, timeout: float = 120) -> Server:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.get("/ping")[0] == 200:
-                    return self
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {self.log.read_text()[-4000:]}")
-            time.sleep(0.3)
-
-    def get(self, path: str) -> tuple[int, dict]:
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            return r.status, json.loads(r.read())
-
-    def post(self, body: bytes, ctype: str | None, query: str = "", headers: dict | None = None):
-        req = urllib.request.Request(self.url + "/invocations" + query, data=body, method="POST")
-        if ctype:
-            req.add_header("Content-Type", ctype)
-        for k, v in (headers or {}).items():
-            req.add_header(k, v)
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                data = r.read()
-                return r.status, (
-                    json.loads(data) if r.headers.get_content_type() == "application/json" else data
-                )
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def stop(self) -> None:
-        stop(self.proc)
-        self._fh.close()
+@pytest.fixture(scope="module")
+def served_root(tiny_models: Path, tmp_path_factory) -> Path:
+    return build_served_root(copy_root(tiny_models, tmp_path_factory.mktemp("serve")))
 
 
 def multipart(files: dict[str, bytes], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
@@ -173,7 +102,7 @@ def multipart(files: dict[str, bytes], fields: dict[str, str] | None = None) -> 
 @pytest.fixture(scope="module")
 def servers(served_root: Path):
     started = {
-        m: Server(served_root, f"model={m}", "max_body_mb=2") for m in ("xray", "ct", "mri", "ensemble")
+        m: ServeProcess(served_root, f"model={m}", "max_body_mb=2") for m in ("xray", "ct", "mri", "ensemble")
     }
     try:
         yield {m: s.wait() for m, s in started.items()}
@@ -393,6 +322,7 @@ def test_startup_refuses_unknown_version_and_a_tampered_export(served_root, tmp_
     assert proc.returncode != 0 and "SHA-256 mismatch" in proc.stderr and "xray_torchscript.pt" in proc.stderr
 
 
+@pytest.mark.slow
 def test_version_pulled_from_the_store_and_a_tampered_store_object_refused(
     served_root, tmp_path, monkeypatch
 ):
@@ -421,7 +351,7 @@ def test_version_pulled_from_the_store_and_a_tampered_store_object_refused(
         assert sv.marker["exports"] == ["xray_torchscript"]
         env = {**AWS_TEST_ENV, "AWS_ENDPOINT_URL": s3["url"]}
         store_args = ["store.enabled=true", "store.bucket=models", "store.addressing_style=path"]
-        server = Server(root, "model=xray", "version=1.2.0", *store_args, env=env).wait()
+        server = ServeProcess(root, "model=xray", "version=1.2.0", *store_args, env=env).wait()
         try:
             _, ping = server.get("/ping")
             assert (
@@ -525,3 +455,63 @@ def test_served_probabilities_apply_the_manifest_calibration():
     z = np.log(0.2 / 0.8) * 0.5 - 0.3
     assert np.isclose(out[0, 0], 1 / (1 + np.exp(-z))) and np.array_equal(out[:, 1], probs[:, 1])
     assert np.array_equal(out, apply_calibration(probs, cal, ["Mass", "Nodule"]))
+
+
+def test_served_mri_probabilities_apply_the_manifest_temperature_and_keep_the_label_map():
+    """The MRI softmax temperature evaluation fitted (export manifest) scales the served probabilities;
+    the label map (argmax) is the uncalibrated one."""
+    from medens.serving.app import _mri_response
+    from medens.serving.models import ServedModel
+
+    served = ServedModel.__new__(ServedModel)
+    served.label_names = ["background", "necrotic_core", "edema", "enhancing"]
+    served.io_contract = {"regions": {"wt": [1, 2, 3]}}
+    logits = np.random.default_rng(0).normal(scale=3.0, size=(4, 5, 5, 4)).astype(np.float32)
+    decoded = {"spacing": [1.0, 1.0, 1.0]}
+    answers = {}
+    for t in (None, 2.0):
+        served.entry = {"calibration": None if t is None else
+                        {"method": "temperature", "kind": "softmax_temperature", "temperature": t}}  # fmt: skip
+        answers[t] = _mri_response(served, logits, decoded, {}, 0.0, lambda r, s: r)
+    expected = torch.softmax(torch.from_numpy(logits) / 2.0, 0).mean(dim=(1, 2, 3)).numpy()
+    np.testing.assert_allclose(list(answers[2.0]["mean_probability"].values()), expected, rtol=1e-5)
+    assert answers[2.0]["voxels"] == answers[None]["voxels"]  # same label map
+    assert answers[2.0]["mean_probability"] != answers[None]["mean_probability"]
+
+
+@pytest.mark.slow
+def test_sagemaker_serve_entrypoint_starts_the_server_from_the_model_dir(served_root, tmp_path):
+    """`docker run <image> serve`: docker/serve reads SM_MODEL_DIR (the export folder), infers the model
+    from its manifest, binds SAGEMAKER_BIND_TO_PORT and answers /ping and /invocations."""
+    import shutil
+
+    model_dir = tmp_path / "opt_ml_model"  # an archive with the X-ray export only, as SageMaker unpacks it
+    model_dir.mkdir()
+    manifest = json.loads((served_root / "saved_models" / "exports" / "manifest.json").read_text())
+    manifest["exports"] = {"xray_torchscript": manifest["exports"]["xray_torchscript"]}
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copy(served_root / "saved_models" / "exports" / manifest["exports"]["xray_torchscript"]["file"], model_dir)
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "SM_MODEL_DIR": str(model_dir), "SAGEMAKER_BIND_TO_PORT": str(port),
+           "MEDENS_SERVE_THREADS": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # fmt: skip
+    env.pop("MEDENS_MODEL", None)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([PYTHON, str(ROOT / "docker" / "serve"), "serve"], cwd=tmp_path, stdout=fh,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+    server = ServeProcess.__new__(ServeProcess)
+    server.port, server.url, server.log, server.proc = port, f"http://127.0.0.1:{port}", log, proc
+    try:
+        server.wait()
+        status, body = server.get("/ping")
+        assert status == 200 and body["model"] == "xray" and body["export"] == "xray_torchscript"
+        image = xray_images(served_root)["path"].iloc[0].read_bytes()
+        status, body = server.post(image, "image/png")
+        assert status == 200 and len(body["probabilities"]) == len(body["label_names"]) == 14
+    finally:
+        stop(proc)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = subprocess.run([PYTHON, str(ROOT / "docker" / "serve")], env={**env, "SM_MODEL_DIR": str(empty)},
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode != 0 and f"{empty}/manifest.json not found" in res.stderr

@@ -11,9 +11,10 @@ import torch
 import yaml
 
 from medens.checkpoint import load_checkpoint
-from tests.conftest import TINY_XRAY, assert_same_training_state, cli_ok, run_cli
+from tests.helpers import TINY_XRAY, assert_same_training_state, cli_ok, run_cli
 
 BASE = ["experiment=xray", *TINY_XRAY]
+pytestmark = pytest.mark.slow  # every test starts the Hydra app as a process (most of them train)
 
 
 def test_resume_by_cli_override_matches_uninterrupted_run(tmp_path):

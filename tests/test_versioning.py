@@ -19,42 +19,12 @@ from medens.registry import (
     verify_versioned,
     versioning,
 )
-
-
-def make_checkpoint(path: Path, modality: str = "xray", seed: int = 0) -> Path:
-    """A small file in the medens checkpoint format (DESIGN.md keys), as training writes it."""
-    g = torch.Generator().manual_seed(seed)
-    ckpt = {
-        "format": "medens-checkpoint/1",
-        "epoch": 7,
-        "model_state_dict": {"fc.weight": torch.randn(14, 8, generator=g), "fc.bias": torch.zeros(14)},
-        "optimizer_state_dict": {"state": {}, "param_groups": []},
-        "scheduler_state_dict": None,
-        "train_loss": 0.31,
-        "val_loss": 0.35,
-        "val_auc": 0.81,
-        "best_metric": 0.81,
-        "monitor": "val/auc",
-        "hyperparameters": {
-            "modality": modality,
-            "seed": 42,
-            "model": {"name": "resnet50", "optimizer": {"lr": 0.001}},
-            "data": {"_target_": "medens.data.xray.XRayDataModule", "root": "/data/nih", "image_size": 224},
-        },
-        "timestamp": "2025-01-02T03:04:05+00:00",
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-    return path
+from tests.helpers import folder_names, make_checkpoint
 
 
 @pytest.fixture
 def best(tmp_path: Path) -> Path:
     return make_checkpoint(tmp_path / "saved_models" / "xray" / "resnet50_best.pth")
-
-
-def folder_names(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir()}
 
 
 def test_promote_writes_versioned_copy_and_metadata(best: Path):

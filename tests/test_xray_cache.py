@@ -20,7 +20,7 @@ from medens.data.xray import XRayDataModule
 from medens.data.xray_cache import IMAGES, MANIFEST, cache_settings, decode_resized
 from medens.errors import ConfigError, DataError
 from medens.utils.seeding import EpochShuffleSampler
-from tests.conftest import TINY_XRAY, cli_ok, run_cli
+from tests.helpers import TINY_XRAY, cli_ok, run_cli
 
 
 @pytest.fixture
@@ -201,7 +201,7 @@ def test_cli_builds_the_cache_once_and_resumes_exactly_on_it(tmp_path):
                          root=tmp_path))  # fmt: skip
     assert "building the X-ray image cache" not in out and _folders(tmp_path / "data" / "cache" / "xray") == [folder]
     from medens.checkpoint import load_checkpoint
-    from tests.conftest import assert_same_training_state
+    from tests.helpers import assert_same_training_state
 
     assert_same_training_state(
         load_checkpoint(tmp_path / "full" / "xray" / "resnet18_epoch_3.pth"),

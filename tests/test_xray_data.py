@@ -235,4 +235,4 @@ def test_real_nih_samples_load(samples_dir):
 def test_real_pneumoniamnist_sample(samples_dir):
     dm = MedMNISTDataModule(path=str(samples_dir / "medmnist" / "pneumoniamnist_balanced_subset.npz"), image_size=28)
     dm.setup()
-    assert dm.num_classes == 1 and set(dm.datasets["train"].labels.unique().tolist()) == {0.0, 1.0}
+    assert dm.num_classes == 1 and set(dm.datasets["train"].targets.unique().tolist()) == {0.0, 1.0}

@@ -16,7 +16,7 @@ from PIL import Image
 from medens.data.synthetic_xray import ensure_synthetic_nih
 from medens.data.xray import read_nih_table
 from medens.errors import DataError
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 GEN = (
     "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr);"
@@ -41,6 +41,7 @@ def _intact(root: Path) -> int:
     return len(pngs)
 
 
+@pytest.mark.slow
 def test_killed_generation_leaves_nothing_that_a_later_run_refuses(tmp_path):
     root = tmp_path / "nih"
     proc = _generator(root, 400, 160)
@@ -61,6 +62,7 @@ def test_killed_generation_leaves_nothing_that_a_later_run_refuses(tmp_path):
     assert not list(tmp_path.glob(".nih.tmp-*")) and not (tmp_path / ".nih.lock").exists()
 
 
+@pytest.mark.slow
 def test_two_concurrent_generations_make_one_intact_set(tmp_path):
     root = tmp_path / "nih"
     procs = [_generator(root, 40, 64) for _ in range(2)]

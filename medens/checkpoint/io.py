@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from medens.errors import CheckpointError
+from medens.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +43,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     (`.<name>.<random>.tmp`) never ends in `.pth`, so it is never taken for a checkpoint, and the next run in
     the folder (or `scripts/housekeeping.py action=clean`) removes it.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
             torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
         if delay := os.environ.get(SAVE_DELAY_ENV):  # tests only: widen the window a kill -9 lands mid-save
             time.sleep(float(delay))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def lightning_to_medens(checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -79,6 +79,8 @@ def _families() -> list[tuple[str, tuple[type, ...]]]:
     from lightning.pytorch.strategies import Strategy
     from monai.inferers import Inferer
 
+    from medens.data.reader import DatasetReader
+
     module, sched = torch.nn.Module, torch.optim.lr_scheduler.LRScheduler
     kinds = (pl.LightningModule, pl.LightningDataModule, module, pl.Callback, Logger, Strategy)
     fams: list[tuple[str, tuple[type, ...]]] = [
@@ -95,6 +97,7 @@ def _families() -> list[tuple[str, tuple[type, ...]]]:
         ("lightning.fabric.plugins.environments", (ClusterEnvironment,)),  # trainer=slurm / torchrun
         ("lightning.pytorch.profilers", (Profiler,)),
         ("medens", kinds),  # its LightningModules, datamodules, networks, callbacks, loggers, strategies
+        ("medens.data", (DatasetReader,)),  # dataset readers (`data.source`): plain dataclasses, no code run
     ]
     return fams
 
@@ -261,6 +264,38 @@ def _no_external_weights(net_cfg: DictConfig) -> None:
             net_cfg[k] = False if k == "pretrained" else None
 
 
+def _instantiate_stored(
+    ckpt: Mapping[str, Any], label: Any, modality: str | None, net_only: bool
+) -> tuple[Any, dict[str, Any]]:
+    """(the object built from `hyperparameters.model` or, `net_only`, `hyperparameters.model.net`, the
+    validated hyperparameters): the one walk shared by `rebuild_module` and `build_network_from_checkpoint`.
+    Validated first; a checkpoint of another `modality` is a `CheckpointError`; weights named by the file
+    (pretrained paths, weight names) are never fetched."""
+    from omegaconf import open_dict
+
+    hyper = validate_checkpoint(ckpt, label)
+    model = hyper.get("model")
+    node = (model or {}).get("net") if net_only and isinstance(model, Mapping) else model
+    if not isinstance(node, Mapping) or "_target_" not in node:
+        if net_only:
+            raise CheckpointError(f"{label}: no network config (hyperparameters.model.net with _target_) in checkpoint")
+        raise CheckpointError(f"{label}: checkpoint has no model config (hyperparameters.model with _target_)")
+    _check_modality(hyper, label, modality)
+    cfg = OmegaConf.create(dict(node))
+    net_cfg = cfg if net_only else cfg.get("net")
+    if isinstance(net_cfg, DictConfig):
+        with open_dict(net_cfg):
+            _no_external_weights(net_cfg)
+    key, what = ("hyperparameters.model.net", "the network ") if net_only else ("hyperparameters.model", "")
+    try:
+        built = safe_instantiate(cfg, label, key)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{label}: cannot rebuild {what}{node['_target_']}: {exc}") from exc
+    return built, hyper
+
+
 def rebuild_module(ckpt: Mapping[str, Any], path: str | os.PathLike, modality: str | None = None,
                    strict: bool = True) -> Any:  # fmt: skip
     """The LightningModule of a checkpoint (`hyperparameters.model`), with its weights loaded.
@@ -268,24 +303,9 @@ def rebuild_module(ckpt: Mapping[str, Any], path: str | os.PathLike, modality: s
     The one "rebuild the module of modality X from this checkpoint" used by evaluation and the ensemble:
     validated first, a checkpoint of another `modality` is a `CheckpointError`; `io_contract` is attached.
     """
-    from omegaconf import open_dict
-
     from medens.checkpoint.io import load_network_weights
 
-    hyper = validate_checkpoint(ckpt, path)
-    if not isinstance(hyper.get("model"), Mapping) or "_target_" not in hyper["model"]:
-        raise CheckpointError(f"{path}: checkpoint has no model config (hyperparameters.model with _target_)")
-    _check_modality(hyper, path, modality)
-    model_cfg = OmegaConf.create(dict(hyper["model"]))
-    if isinstance(model_cfg.get("net"), DictConfig):
-        with open_dict(model_cfg):
-            _no_external_weights(model_cfg.net)
-    try:
-        module = safe_instantiate(model_cfg, path, "hyperparameters.model")
-    except UnsafeCheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot rebuild {hyper['model']['_target_']}: {exc}") from exc
+    module, hyper = _instantiate_stored(ckpt, path, modality, net_only=False)
     load_network_weights(module.net, dict(ckpt), strict=strict)
     module.io_contract = hyper.get("io_contract", {})
     return module
@@ -295,8 +315,9 @@ def build_network_from_checkpoint(source: str | os.PathLike | Mapping[str, Any],
                                   path: str | os.PathLike | None = None, strict: bool = True) -> Any:  # fmt: skip
     """The bare network of a checkpoint (`hyperparameters.model.net`) with its weights, in eval mode.
 
-    `source` is a checkpoint file (read with `load_checkpoint_verified`) or an already loaded dict (then
-    `path` names it in errors). Validated first; a checkpoint of another `modality` is a `CheckpointError`.
+    The one "load the network of modality X" used by the exports. `source` is a checkpoint file (read with
+    `load_checkpoint_verified`) or an already loaded dict (then `path` names it in errors). Validated first;
+    a checkpoint of another `modality` is a `CheckpointError`.
     """
     from medens.checkpoint.io import load_network_weights
 
@@ -304,19 +325,7 @@ def build_network_from_checkpoint(source: str | os.PathLike | Mapping[str, Any],
         ckpt, label = dict(source), path or "<checkpoint>"
     else:
         ckpt, label = load_checkpoint_verified(source), source
-    hyper = validate_checkpoint(ckpt, label)
-    net_cfg = (hyper.get("model") or {}).get("net")
-    if not isinstance(net_cfg, Mapping) or "_target_" not in net_cfg:
-        raise CheckpointError(f"{label}: no network config (hyperparameters.model.net with _target_) in checkpoint")
-    _check_modality(hyper, label, modality)
-    cfg = OmegaConf.create(dict(net_cfg))
-    _no_external_weights(cfg)
-    try:
-        net = safe_instantiate(cfg, label, "hyperparameters.model.net")
-    except UnsafeCheckpointError:
-        raise
-    except Exception as exc:
-        raise CheckpointError(f"{label}: cannot rebuild the network {net_cfg['_target_']}: {exc}") from exc
+    net, _ = _instantiate_stored(ckpt, label, modality, net_only=True)
     try:
         load_network_weights(net, ckpt, strict=strict)
     except CheckpointError as exc:

@@ -1,16 +1,18 @@
-"""Chest X-ray data: NIH ChestX-ray14 as distributed (image folder + `Data_Entry_2017*.csv`).
+"""Chest X-ray data: the datamodule (cache, split, load), the NIH table and image helpers, the transforms.
 
-Label order is `NIH_LABELS`, the single source of truth: every reader maps onto it. `No Finding`
-is all zeros. Splits are by patient; the official `train_val_list.txt` / `test_list.txt` are used
-when present in the dataset folder.
+Sources are readers (medens/data/xray_readers.py: NIH ChestX-ray14 as distributed, the synthetic NIH
+set, MedMNIST 2D). Label order is `NIH_LABELS`, the single source of truth: every reader maps onto it.
+`No Finding` is all zeros. Splits are the source's official one (NIH's `train_val_list.txt` /
+`test_list.txt`, MedMNIST's file split) or by patient.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import hydra.utils
 import lightning.pytorch as pl
@@ -23,8 +25,20 @@ from torchvision.transforms import v2
 
 from medens.data.loaders import make_loader
 from medens.data.splits import patient_split, split_by_patient_list
+from medens.data.xray_augment import BatchAugment
 from medens.data.xray_cache import XRayCache, cache_settings, ensure_xray_cache
-from medens.errors import DataError
+from medens.data.xray_readers import (
+    CASE,
+    PATIENT,
+    SPLIT,
+    TARGETS,
+    MedMNISTReader,
+    NIHReader,
+    SyntheticNIHReader,
+    XRayReader,
+    build_xray_reader,
+)
+from medens.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +185,24 @@ class GreyPIL(torch.nn.Module):
         return x
 
 
+class UInt8Image(torch.nn.Module):
+    """Greyscale PIL / uint8 tensor -> uint8 `[1, size, size]` tensor (the `augment_on=device` training input).
+
+    A cached image already at `size` passes through untouched (no PIL round trip); anything else is resized
+    exactly like the evaluation transforms (PIL, antialiased), so both paths see the same pixels.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.resize = v2.Compose([GreyPIL(), v2.Resize((size, size), antialias=True), v2.PILToTensor()])
+
+    def forward(self, x: Any) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and tuple(x.shape) == (1, self.size, self.size):
+            return x
+        return self.resize(x)
+
+
 class RepeatChannels(torch.nn.Module):
     """Greyscale [1, H, W] -> [channels, H, W] (a picklable module, unlike a lambda, for worker processes)."""
 
@@ -191,51 +223,62 @@ class XRayDataset(Dataset):
 
     def __init__(
         self,
-        paths: Sequence[Path],
+        paths: Sequence[Path] | None,
         targets: np.ndarray,
         ids: Sequence[str],
         patient_ids: Sequence[str],
         transform: v2.Compose,
         cache: XRayCache | None = None,
         cache_rows: Sequence[int] | None = None,
+        augment: BatchAugment | None = None,
+        read: Callable[[str], Any] | None = None,
     ) -> None:
-        self.paths = list(paths)
+        self.paths = list(paths) if paths is not None else None
+        self.augment = augment
+        self.read = read
+        if self.paths is None and read is None:
+            raise ValueError("an XRayDataset needs image paths or a reader's read_case")
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.float32))
         self.ids = list(ids)
         self.patient_ids = list(patient_ids)
         self.transform = transform
         self.cache = cache
         self.cache_rows = list(cache_rows) if cache_rows is not None else None
-        if cache is not None and (self.cache_rows is None or len(self.cache_rows) != len(self.paths)):
+        if cache is not None and (self.cache_rows is None or len(self.cache_rows) != len(self.ids)):
             raise ValueError("a cached XRayDataset needs one cache row per image")
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if self.cache is not None:
             raw: Any = torch.from_numpy(self.cache.image(self.cache_rows[i]))[None]  # type: ignore[index]
+        elif self.read is not None:
+            raw = self.read(self.ids[i])
         else:
-            raw = load_xray_image(self.paths[i])
+            raw = load_xray_image(self.paths[i])  # type: ignore[index]
         image = self.transform(raw)
-        return {"image": image, "label": self.targets[i], "case_id": self.ids[i], "patient_id": self.patient_ids[i]}
-
-
-def _read_list(path: Path) -> set[str]:
-    return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+        item = {"image": image, "label": self.targets[i], "case_id": self.ids[i], "patient_id": self.patient_ids[i]}
+        if self.augment is not None:  # augment_on=device: uint8 image + this item's random parameters
+            item["augment"] = self.augment.sample(int(image.shape[-2]), int(image.shape[-1]))
+        return item
 
 
 class XRayDataModule(pl.LightningDataModule):
-    """NIH ChestX-ray14 folder -> patient-level train/val/test loaders.
+    """Chest X-ray images from any reader (`source`) -> patient-level train/val/test loaders.
 
-    `root` holds `images/` (or `image_dir`) and `Data_Entry_2017*.csv[.gz]`. With `synthetic` set and
-    `generate_if_missing`, `prepare_data` writes a synthetic NIH-format set there first, so the
-    default experiment runs through this same loader.
+    The reader (medens/data/xray_readers.py) knows the on-disk layout; this class only caches (the
+    decoded-image cache, for readers with image files), splits (the source's official split, else by
+    patient) and loads. `source` is a reader, its `{_target_: ...}` config or a short name; left at None,
+    the NIH reader is built from the NIH keys `image_dir`, `csv`, `view_positions`, `use_official_split`
+    (and `synthetic` + `generate_if_missing`: the embedded synthetic NIH set, generated on first use),
+    which is what every config and checkpoint written before readers existed says.
     """
 
     def __init__(
         self,
         root: str,
+        source: XRayReader | str | Mapping[str, Any] | None = None,
         image_dir: str = "images",
         csv: str | None = None,
         labels: Sequence[str] = NIH_LABELS,
@@ -258,21 +301,31 @@ class XRayDataModule(pl.LightningDataModule):
         synthetic: dict[str, Any] | None = None,
         generate_if_missing: bool = False,
         cache: dict[str, Any] | bool | None = None,
+        augment_on: Literal["device", "loader"] = "loader",
     ) -> None:
         super().__init__()
         if missing_images not in ("error", "skip"):
             raise ValueError(f"missing_images must be 'error' or 'skip', got {missing_images!r}")
+        if augment_on not in ("device", "loader"):
+            raise ConfigError(f"data.augment_on={augment_on!r}: must be 'device' (batched, after the transfer) or "
+                              "'loader' (per image in the DataLoader workers)")  # fmt: skip
         self.root = Path(root)
-        self.image_dir = image_dir
-        self.csv = csv
-        self.labels = tuple(labels)
+        if source is None:
+            nih = dict(image_dir=image_dir, csv=csv, view_positions=view_positions,
+                       use_official_split=use_official_split)  # fmt: skip
+            self.reader: XRayReader = (
+                SyntheticNIHReader(**nih, generator=dict(synthetic), generate_if_missing=generate_if_missing)
+                if synthetic else NIHReader(**nih)
+            )
+        else:
+            self.reader = build_xray_reader(source)
+        self._default_labels = tuple(labels)
+        self._labels: tuple[str, ...] | None = None
         self.image_size = image_size
         self.channels = channels
         self.normalize = normalize
-        self.view_positions = list(view_positions) if view_positions else None
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
-        self.use_official_split = use_official_split
         self.seed = seed
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -282,19 +335,44 @@ class XRayDataModule(pl.LightningDataModule):
         self.verify_images = verify_images
         self.max_images = max_images
         self.train_augment = [hydra.utils.instantiate(t) if _is_config(t) else t for t in (train_augment or [])]
-        self.synthetic = dict(synthetic) if synthetic else None
-        self.generate_if_missing = generate_if_missing
+        self.augment_on = augment_on
+        #: the batched training augmentation that `XRayClassifier.on_after_batch_transfer` applies
+        self.batch_augment: BatchAugment | None = None
+        if augment_on == "device":
+            mean, std = _norm_stats(normalize, channels)
+            self.batch_augment = BatchAugment.from_transforms(self.train_augment, channels, mean, std)
         self.cache_settings = cache_settings(cache)
         self.cache: XRayCache | None = None
         self.datasets: dict[str, XRayDataset] = {}
         self.skipped: list[str] = []
 
+    # NIH folder settings, read by evaluation and cross-validation (None for other readers)
+    @property
+    def image_dir(self) -> str | None:
+        return getattr(self.reader, "image_dir", None)
+
+    @property
+    def csv(self) -> str | None:
+        return getattr(self.reader, "csv", None)
+
+    @property
+    def view_positions(self) -> list[str] | None:
+        return getattr(self.reader, "view_positions", None)
+
+    @property
+    def use_official_split(self) -> bool:
+        return bool(getattr(self.reader, "use_official_split", True))
+
     # -- preparation ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        if self.generate_if_missing and self.synthetic is not None:
-            from medens.data.synthetic_xray import ensure_synthetic_nih
+        self.reader.prepare(self.root)
 
-            ensure_synthetic_nih(self.root, **self.synthetic)
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The label order: NIH's (`NIH_LABELS`) unless the reader's source defines its own."""
+        if self._labels is None:
+            self._labels = self.reader.labels(self.root, self._default_labels)
+        return self._labels
 
     @property
     def num_classes(self) -> int:
@@ -302,7 +380,8 @@ class XRayDataModule(pl.LightningDataModule):
 
     def io_contract(self) -> dict[str, Any]:
         """What a model trained on this data expects as input and produces as output."""
-        return {
+        cached = self.cache_settings.enabled and self.reader.image_folder(self.root) is not None
+        contract: dict[str, Any] = {
             "modality": "xray",
             "label_names": list(self.labels),
             "input_shape": [self.channels, self.image_size, self.image_size],
@@ -310,70 +389,41 @@ class XRayDataModule(pl.LightningDataModule):
                 "greyscale": True,
                 "resize": [self.image_size, self.image_size],
                 # with the decoded-image cache, images are first resized to the cache size (bilinear)
-                "cache_resize": (
-                    [self.cache_settings.resolved_size(self.image_size)] * 2 if self.cache_settings.enabled else None
-                ),
+                "cache_resize": [self.cache_settings.resolved_size(self.image_size)] * 2 if cached else None,
                 "scale": "uint8/255",
                 "normalize": self.normalize,
                 "mean": list(IMAGENET_MEAN[: self.channels]) if self.normalize == "imagenet" else None,
                 "std": list(IMAGENET_STD[: self.channels]) if self.normalize == "imagenet" else None,
             },
+            # training only (inference never augments): where the random augmentation ran
+            "train_augment_on": self.augment_on,
             "output": "logits, one per label (sigmoid for probabilities)",
         }
+        if isinstance(self.reader, MedMNISTReader):
+            contract["source"] = f"medmnist:{self.reader.file(self.root).name}"
+        return contract
 
     def _table(self) -> pd.DataFrame:
-        csv_path = find_label_csv(self.root, self.csv)
-        df = read_nih_table(csv_path, self.labels)
-        if self.view_positions:
-            if "View Position" not in df.columns:
-                raise DataError(f"{csv_path}: view filter {self.view_positions} needs a 'View Position' column")
-            df = df[df["View Position"].isin(self.view_positions)]
-            if df.empty:
-                raise DataError(f"{csv_path}: no rows with View Position in {self.view_positions}")
-        image_root = self.root / self.image_dir
-        if not image_root.is_dir():
-            raise DataError(f"{image_root}: image folder not found")
-        on_disk = {p.name for p in image_root.iterdir() if p.is_file()}
-        if not on_disk:
-            raise DataError(f"{image_root}: image folder is empty")
-        present = df["Image Index"].isin(on_disk)
-        missing = df.loc[~present, "Image Index"].tolist()
-        if missing:
-            msg = (
-                f"{image_root}: {len(missing)} of {len(df)} images listed in {csv_path.name} are missing "
-                f"on disk (first: {', '.join(missing[:5])})"
-            )
-            if self.missing_images == "error":
-                raise DataError(msg + "; set data.missing_images=skip to train on the images present")
-            log.warning("%s; skipping them", msg)
-        self.skipped = missing
-        df = df[present].reset_index(drop=True)
-        if df.empty:
-            raise DataError(f"{image_root}: none of the images listed in {csv_path} is on disk")
+        """The reader's cases (one row per image: `Image Index`, `Patient ID`, `targets`, optional `split`)."""
+        cases = self.reader.list_cases(self.root, self.labels, self.missing_images)
+        self.skipped = list(cases.skipped)
+        df = cases.table
         if self.max_images:
             df = df.iloc[: self.max_images].reset_index(drop=True)
-        if self.verify_images and not self.cache_settings.enabled:  # building the cache decodes them all
-            for name in df["Image Index"]:
-                load_xray_image(image_root / name)
+        if self.verify_images and not (self.cache_settings.enabled and self.reader.image_folder(self.root)):
+            for name in df[CASE]:  # building the cache decodes them all anyway
+                self.reader.read_case(self.root, name)
         return df
 
     def _splits(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
-        patients = df["Patient ID"].astype(str).tolist()
-        train_list, test_list = self.root / "train_val_list.txt", self.root / "test_list.txt"
-        if self.use_official_split and train_list.is_file() and test_list.is_file():
-            test_names = _read_list(test_list)
-            is_test = df["Image Index"].isin(test_names).to_numpy()
-            pool = np.flatnonzero(~is_test)
+        patients = df[PATIENT].astype(str).tolist()
+        if SPLIT in df.columns:  # the source's official split
+            split = df[SPLIT].to_numpy()
+            if "val" in set(split):
+                return {k: np.flatnonzero(split == k) for k in ("train", "val", "test")}
+            pool = np.flatnonzero(split != "test")
             inner = split_by_patient_list([patients[i] for i in pool], self.val_fraction, self.seed)
-            split = {
-                "train": pool[inner["train"]],
-                "val": pool[inner["val"]],
-                "test": np.flatnonzero(is_test),
-            }
-            overlap = {patients[i] for i in split["test"]} & {patients[i] for i in pool}
-            if overlap:
-                log.warning("official lists put %d patients in both train_val and test", len(overlap))
-            return split
+            return {"train": pool[inner["train"]], "val": pool[inner["val"]], "test": np.flatnonzero(split == "test")}
         s = patient_split(patients, self.val_fraction, self.test_fraction, self.seed)
         return {k: np.asarray(v, dtype=int) for k, v in s.items()}
 
@@ -381,32 +431,39 @@ class XRayDataModule(pl.LightningDataModule):
         if self.datasets:
             return
         df = self._table()
-        image_root = self.root / self.image_dir
-        self.cache = ensure_xray_cache(
-            image_root, df["Image Index"].tolist(), self.cache_settings, self.image_size, self.missing_images
-        )
-        rows = None
+        image_root = self.reader.image_folder(self.root)
+        self.cache, rows = None, None
+        if image_root is not None:
+            self.cache = ensure_xray_cache(
+                image_root, df[CASE].tolist(), self.cache_settings, self.image_size, self.missing_images
+            )
         if self.cache is not None:
             rows = np.arange(len(df))  # the cache holds the table's images in table order
             if self.cache.failed:
-                keep = ~df["Image Index"].isin(list(self.cache.failed)).to_numpy()
+                keep = ~df[CASE].isin(list(self.cache.failed)).to_numpy()
                 self.skipped = self.skipped + sorted(self.cache.failed)
                 df, rows = df[keep].reset_index(drop=True), rows[keep]
         eval_tf = build_transforms(self.image_size, self.channels, self.normalize, None)
-        train_tf = build_transforms(self.image_size, self.channels, self.normalize, self.train_augment)
+        if self.batch_augment is not None:  # the loader carries uint8; augmentation + normalisation on the device
+            train_tf: Any = v2.Compose([UInt8Image(self.image_size)])
+        else:
+            train_tf = build_transforms(self.image_size, self.channels, self.normalize, self.train_augment)
+        read = None if image_root is not None else functools.partial(self.reader.read_case, self.root)
         for name, idx in self._splits(df).items():
             part = df.iloc[idx]
             self.datasets[name] = XRayDataset(
-                [image_root / n for n in part["Image Index"]],
-                np.stack(part["targets"].to_list()) if len(part) else np.zeros((0, self.num_classes)),
-                part["Image Index"].tolist(),
-                part["Patient ID"].astype(str).tolist(),
+                [image_root / n for n in part[CASE]] if image_root is not None else None,
+                np.stack(part[TARGETS].to_list()) if len(part) else np.zeros((0, self.num_classes)),
+                part[CASE].tolist(),
+                part[PATIENT].astype(str).tolist(),
                 train_tf if name == "train" else eval_tf,
                 cache=self.cache,
                 cache_rows=None if rows is None else rows[idx].tolist(),
+                augment=self.batch_augment if name == "train" else None,
+                read=read,
             )
         sizes = {k: len(v) for k, v in self.datasets.items()}
-        log.info("X-ray splits (images): %s from %s", sizes, self.root)
+        log.info("X-ray splits (images): %s from %s (%s)", sizes, self.root, self.reader.name)
         if sizes["train"] == 0 or sizes["val"] == 0:
             raise DataError(f"{self.root}: too few patients for a train/val split: {sizes}")
 
@@ -441,11 +498,23 @@ class XRayDataModule(pl.LightningDataModule):
     def describe(self) -> dict[str, Any]:
         return {
             "root": str(self.root),
+            "source": self.reader.name,
             "splits": {k: len(v) for k, v in self.datasets.items()},
             "skipped_missing_images": len(self.skipped),
             "cache": str(self.cache.folder) if self.cache is not None else None,
             "label_names": list(self.labels),
         }
+
+
+def _norm_stats(normalize: str, channels: int) -> tuple[list[float] | None, list[float] | None]:
+    """(mean, std) of `build_transforms`' normalisation, for the on-device path."""
+    if normalize == "imagenet":
+        return list(IMAGENET_MEAN[:channels]), list(IMAGENET_STD[:channels])
+    if normalize == "unit":
+        return [0.5] * channels, [0.5] * channels
+    if normalize == "none":
+        return None, None
+    raise ValueError(f"normalize must be imagenet, unit or none, got {normalize!r}")
 
 
 def _is_config(obj: Any) -> bool:

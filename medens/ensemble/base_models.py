@@ -27,7 +27,7 @@ from medens.checkpoint.safe_build import (
     validate_checkpoint,
 )
 from medens.errors import CheckpointError
-from medens.evaluation.evaluate import sha256_of
+from medens.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -134,19 +134,17 @@ class FrozenBaseModel:
 
     def _features_mri(self, row: pd.Series) -> np.ndarray:
         from medens.data.mri.brats import resolve_case, resolve_modalities, resolve_patterns
+        from medens.data.mri.readers import reader_from_data_config
         from medens.data.mri.transforms import build_decode_transform, build_eval_transform
 
         data = self.hyperparameters["data"]
         contract = self.io_contract
+        reader = reader_from_data_config(data)  # data.source, or the flat keys of older checkpoints
         mods = resolve_modalities(data["modalities"])
-        candidates = resolve_patterns(data.get("naming", "auto"), mods, data.get("file_patterns"))
+        candidates = resolve_patterns(reader.naming, mods, reader.file_patterns)
         folder = Path(row["mri_path"])
         case = resolve_case(folder, mods, candidates, require_label=False, case_id=folder.name)
-        label_map = {int(k): int(v) for k, v in (contract.get("label_map") or {}).items()}
-        if not label_map:
-            from medens.data.mri.brats import resolve_label_map
-
-            label_map = resolve_label_map(data.get("label_preset"), data.get("label_map"))
+        label_map = {int(k): int(v) for k, v in (contract.get("label_map") or {}).items()} or reader.codes
         item = {
             "case_id": case.case_id,
             "image_files": [str(p) for p in case.image_files],
@@ -195,4 +193,4 @@ def load_frozen_base_model(modality: str, ckpt_path: str | Path) -> FrozenBaseMo
         names = ["ct.malignancy"]
     else:
         names = [f"mri.{n}" for n in MRI_FEATURES]
-    return FrozenBaseModel(modality, path, sha256_of(path), module, hyper, names)
+    return FrozenBaseModel(modality, path, sha256_file(path), module, hyper, names)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,7 +18,8 @@ import pandas as pd
 from medens.data.cohort.manifest import MODALITY_COLUMNS
 from medens.ensemble.base_models import FrozenBaseModel
 from medens.errors import DataError
-from medens.evaluation.evaluate import sha256_of
+from medens.utils.atomic import atomic_path
+from medens.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def missing_column(modality: str) -> str:
 def features_cache_key(manifest_path: Path, base: Mapping[str, FrozenBaseModel], rows: Sequence[str]) -> str:
     payload = {
         "version": FEATURE_VERSION,
-        "manifest": sha256_of(manifest_path),
+        "manifest": sha256_file(manifest_path),
         "base": {m: b.sha256 for m, b in sorted(base.items())},
         "rows": hashlib.sha256("\n".join(rows).encode()).hexdigest(),
     }
@@ -92,9 +92,8 @@ def cached_base_features(
             return pd.read_csv(path, dtype={"patient_id": str})
         log.info("computing base-model features for %d cases (%s)", len(manifest), ", ".join(base))
         df = compute_base_features(manifest, base, on_error)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            df.to_csv(tmp, index=False)
     return df
 
 

@@ -11,7 +11,8 @@ Formula, per output (the keys serving and the exports' manifest use):
 ``p = sigmoid(scale * logit + bias)`` where ``logit`` is the network's output logit (equivalently
 ``log(p_raw / (1 - p_raw))``). Temperature scaling is ``scale = 1 / temperature, bias = 0``.
 The file records the SHA-256 of the checkpoint it was fitted for; applying it to another file is
-refused.
+refused. A segmenter's file (`kind: softmax_temperature`) holds one softmax temperature instead:
+``p = softmax(logits / temperature)`` (see `medens.evaluation.voxel_calibration`).
 """
 
 from __future__ import annotations
@@ -119,11 +120,9 @@ def plot_reliability(probs: np.ndarray, targets: np.ndarray, names: Sequence[str
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="mean predicted probability", ylabel="observed frequency", title=title, xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from medens.evaluation.classification import save_figure
+
+    return save_figure(fig, path, dpi=110)
 
 
 def _nll(z: np.ndarray, y: np.ndarray) -> float:
@@ -214,10 +213,13 @@ def manifest_entry(ckpt_path: str | Path) -> dict[str, Any] | None:
     doc = load_calibration(ckpt_path)
     if doc is None:
         return None
-    return {
+    entry = {
         "method": doc["method"],
         "formula": doc.get("formula", FORMULA),
         "outputs": {k: {"scale": v["scale"], "bias": v["bias"]} for k, v in doc["outputs"].items()},
         "file": calibration_path(ckpt_path).name,
         "fitted_on": doc.get("fitted_on"),
     }
+    if doc.get("kind"):  # a segmenter's softmax temperature (medens.evaluation.voxel_calibration)
+        entry.update(kind=doc["kind"], temperature=doc.get("temperature"), regions=doc.get("regions"))
+    return entry

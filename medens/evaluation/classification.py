@@ -12,25 +12,35 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve  # noqa: E402
+import torch  # noqa: E402
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
+
+from medens.metrics.classification import LabelROC, mean_defined, operating_point, per_label_auroc  # noqa: E402
 
 
 def auc_per_class(probs: np.ndarray, targets: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
-    """AUC per label (None where a label has only one class among known targets) and their mean."""
-    per_class: dict[str, float | None] = {}
-    counts: dict[str, dict[str, int]] = {}
-    for c, name in enumerate(names):
-        known = ~np.isnan(targets[:, c])
-        t, p = targets[known, c], probs[known, c]
-        counts[name] = {"positives": int((t == 1).sum()), "negatives": int((t == 0).sum())}
-        per_class[name] = float(roc_auc_score(t, p)) if len(np.unique(t)) == 2 else None
-    defined = [v for v in per_class.values() if v is not None]
+    """AUC per label and their mean, by the convention of `medens.metrics.classification` (unknown
+    targets masked; a label without both classes is None and left out of the mean)."""
+    aucs = per_label_auroc(probs, targets)
+    per_class = {name: (None if math.isnan(a) else a) for name, a in zip(names, aucs, strict=True)}
+    counts = {name: {"positives": int((targets[:, c] == 1).sum()), "negatives": int((targets[:, c] == 0).sum())}
+              for c, name in enumerate(names)}  # fmt: skip
+    mean = mean_defined(aucs)
     return {
-        "mean_auc": float(np.mean(defined)) if defined else None,
-        "n_classes_with_auc": len(defined),
+        "mean_auc": None if math.isnan(mean) else mean,
+        "n_classes_with_auc": sum(a is not None for a in per_class.values()),
         "auc": per_class,
         "counts": counts,
     }
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure: every report plot ends so."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def plot_roc_curves(
@@ -45,15 +55,11 @@ def plot_roc_curves(
         if len(np.unique(t)) < 2:
             continue
         fpr, tpr, _ = roc_curve(t, p)
-        ax.plot(fpr, tpr, lw=1.3, label=f"{name} ({roc_auc_score(t, p):.3f})")
+        ax.plot(fpr, tpr, lw=1.3, label=f"{name} ({per_label_auroc(p, t)[0]:.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="False positive rate", ylabel="True positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_pr_curves(
@@ -71,22 +77,18 @@ def plot_pr_curves(
         ax.plot(recall, precision, lw=1.3, label=f"{name} (AP {average_precision_score(t, p):.3f})")
     ax.set(xlabel="Recall (sensitivity)", ylabel="Precision (PPV)", title=title, xlim=(0, 1), ylim=(0, 1.01))
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def operating_points(probs: np.ndarray, targets: np.ndarray, thresholds: Sequence[float]) -> list[dict[str, float]]:
-    """Sensitivity and specificity of a binary score at each threshold."""
+    """Sensitivity and specificity of a binary score at each threshold (``score >= threshold`` positive)."""
+    metric = LabelROC(num_labels=1)
+    metric.update(torch.from_numpy(np.array(probs, dtype=np.float64).ravel()),
+                  torch.from_numpy(np.array(targets, dtype=np.float64).ravel()))  # fmt: skip
     rows = []
-    pos, neg = targets == 1, targets == 0
     for th in thresholds:
-        pred = probs >= th
-        sens = float((pred & pos).sum() / pos.sum()) if pos.any() else math.nan
-        spec = float((~pred & neg).sum() / neg.sum()) if neg.any() else math.nan
-        rows.append({"threshold": float(th), "sensitivity": sens, "specificity": spec})
+        op = metric.operating_point(float(th), 1.0)
+        rows.append({"threshold": float(th), "sensitivity": op["sensitivity"], "specificity": op["specificity"]})
     return rows
 
 
@@ -98,11 +100,8 @@ def threshold_for_sensitivity(
     Highest, so that specificity is as good as the sensitivity target allows; NaN when the scores
     have no positive case.
     """
-    probs, targets = np.asarray(probs, dtype=np.float64).ravel(), np.asarray(targets).ravel()
-    pos = np.sort(probs[targets == 1])[::-1]
-    if pos.size == 0 or not 0 < sensitivity <= 1:
+    op = operating_point(probs, targets, 0.5, sensitivity)
+    if math.isnan(op["threshold_at_target"]):
         return {"threshold": math.nan, "sensitivity": math.nan, "specificity": math.nan}
-    k = int(math.ceil(sensitivity * pos.size - 1e-9))
-    th = float(pos[max(k, 1) - 1])
-    (row,) = operating_points(probs, targets, [th])
-    return row
+    return {"threshold": op["threshold_at_target"], "sensitivity": op["sensitivity_at_target"],
+            "specificity": op["specificity_at_target"]}  # fmt: skip

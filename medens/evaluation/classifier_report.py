@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from medens.errors import ConfigError
 from medens.evaluation import calibration as calib
 from medens.evaluation.classification import auc_per_class, plot_pr_curves, plot_roc_curves
-from medens.evaluation.external import SPLITS, all_cases_loader, case_attributes
+from medens.evaluation.external import SPLITS, all_cases_loader, case_attributes, case_table_path
 from medens.evaluation.report_html import embed_png, fmt_ci, table, write_page
 from medens.evaluation.statistics import PatientBootstrap, bootstrap_info, classification_intervals
 from medens.evaluation.subgroups import check_columns, plot_forest, subgroup_metrics
@@ -113,6 +113,11 @@ def report_classifier(cfg: DictConfig, ckpt_path: Path, ckpt: dict[str, Any], mo
     split = str(cfg.split)
     loader = _loader(dm, split)
     attrs = case_attributes(dm) if opts["subgroups"] else pd.DataFrame()
+    table = case_table_path(cfg)  # data.case_table=<csv>: more columns to group by, joined on case/patient id
+    if table is not None and opts["subgroups"]:
+        pcol = next((c for c in ("patient_id", "Patient ID") if c in attrs.columns), None)
+        ids = [str(i) for i in attrs.index]
+        attrs = case_attributes(dm, table, ids, [str(p) for p in attrs[pcol]] if pcol else ids)
     where = str(getattr(dm, "root", ""))
     if opts["subgroups"]:
         check_columns(attrs, opts["subgroups"], where)  # before the (slow) prediction

@@ -40,7 +40,7 @@ from medens.utils.jsonio import write_json_strict
 
 log = logging.getLogger(__name__)
 
-CV_KEYS = {"folds", "seeds", "checkpoint", "bootstrap", "baseline"}
+CV_KEYS = {"folds", "seeds", "checkpoint", "bootstrap", "baseline", "xray", "mri", "merge"}
 
 
 def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
@@ -164,7 +164,26 @@ def _check(cfg: DictConfig) -> dict[str, Any]:
 
 
 def cross_validate(cfg: DictConfig) -> dict[str, Any]:
-    """Train and score every fold; returns the report (also written to `cfg.paths.output_dir`)."""
+    """Train and score every fold; returns the report (also written to `cfg.paths.output_dir`).
+
+    By `modality`: CT trains the experiment's model per fold with `train()` (below); X-ray and MRI run
+    their recipes of `medens.evaluation.cv_xray` / `cv_mri` against the pixel / FLAIR baselines.
+    """
+    modality = str(cfg.get("modality") or "")
+    if modality in ("xray", "mri"):
+        validate_config(cfg, allowed_top=TRAIN_KEYS | {"cv"})
+        unknown = set(cfg.get("cv") or {}) - CV_KEYS
+        if unknown:
+            raise ConfigError(f"unknown config key(s) cv.{sorted(unknown)}; known: {sorted(CV_KEYS)}")
+        merge = cfg.cv.get("merge")
+        n_boot = int(cfg.cv.get("bootstrap", 2000) or 1)
+        if modality == "xray":
+            from medens.evaluation.cv_xray import cross_validate_xray, merge_xray
+
+            return merge_xray(list(merge), Path(cfg.paths.output_dir), n_boot) if merge else cross_validate_xray(cfg)
+        from medens.evaluation.cv_mri import cross_validate_mri, merge_mri
+
+        return merge_mri(list(merge), Path(cfg.paths.output_dir), n_boot) if merge else cross_validate_mri(cfg)
     opts = _check(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,6 +248,7 @@ def cross_validate(cfg: DictConfig) -> dict[str, Any]:
                  row[f"auc_{baseline}"], row["n_cases"])  # fmt: skip
     allp = pd.concat(frames, ignore_index=True)
     report = summarise(allp, folds, baseline, opts)
+    report["objective"] = report["pooled_auc_model"]
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     report["experiment"] = {
         "task_name": cfg.get("task_name"),

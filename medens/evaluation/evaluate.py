@@ -26,18 +26,16 @@ from medens.checkpoint.safe_build import (
     safe_instantiate,
     validate_checkpoint,
 )
+from medens.data.ct.readers import upgrade_legacy_config
 from medens.errors import CheckpointError, ConfigError
 from medens.evaluation.classification import (
     operating_points,
     threshold_for_sensitivity,
 )
 from medens.training.validation import validate_values
-from medens.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
-
-sha256_of = sha256_file  # the name evaluation reports and older callers use
 
 
 def build_from_checkpoint(
@@ -49,7 +47,7 @@ def build_from_checkpoint(
         raise CheckpointError(f"{path}: checkpoint has no model/data config in 'hyperparameters'")
     check_data_modality(hyper, data_cfg, path)
     model = rebuild_module(ckpt, path)
-    dm_cfg = data_cfg if data_cfg is not None else OmegaConf.create(hyper["data"])
+    dm_cfg = data_cfg if data_cfg is not None else OmegaConf.create(upgrade_legacy_config(hyper["data"]))
     if "generate_if_missing" in dm_cfg:
         with open_dict(dm_cfg):
             dm_cfg.generate_if_missing = bool(dm_cfg.generate_if_missing)
@@ -60,24 +58,21 @@ def build_from_checkpoint(
     return model, datamodule, hyper
 
 
-@torch.no_grad()
 def predict_split(model: Any, loader: Any, device: str = "cpu") -> dict[str, Any]:
-    """Run the network over a loader: stacked probabilities, targets and case ids."""
-    model.eval().to(device)
-    probs, targets, ids, patients = [], [], [], []
-    for batch in loader:
-        x = batch["image"].to(device)
-        # a model with predict_proba (CT: sigmoid or softmax head, optional flip TTA) scores itself
-        if hasattr(model, "predict_proba"):
-            out = model.predict_proba(x)
-        else:
-            out = torch.sigmoid(model.net(x).float())
-        probs.append(out.float().cpu())
-        targets.append(batch["label"].float().reshape(len(out), -1))
-        ids += list(batch["case_id"])
-        patients += [str(p) for p in batch.get("patient_id", batch["case_id"])]  # bootstrap unit: the patient
-    return {"probs": torch.cat(probs).numpy(), "targets": torch.cat(targets).numpy(), "case_ids": ids,
-            "patient_ids": patients}  # fmt: skip
+    """`trainer.predict` with the module's own `predict_step` (CT: sigmoid or softmax head, optional flip
+    TTA): stacked probabilities, targets, case and patient ids (the patient is the bootstrap unit)."""
+    from medens.evaluation.predict import predict_all
+
+    outputs = predict_all(model, loader, device)
+    if not outputs:
+        raise ConfigError("the evaluation split holds no case")
+    if any(o.get("label") is None for o in outputs):
+        raise ConfigError("the evaluation data has no labels: a classifier report needs them")
+    probs = torch.cat([o["probs"].float() for o in outputs])
+    targets = torch.cat([o["label"].float().reshape(len(o["probs"]), -1) for o in outputs])
+    ids = [str(c) for o in outputs for c in o["case_id"]]
+    patients = [str(p) for o in outputs for p in o["patient_id"]]
+    return {"probs": probs.numpy(), "targets": targets.numpy(), "case_ids": ids, "patient_ids": patients}
 
 
 def binary_operating_table(

@@ -22,6 +22,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import ConcatDataset, Dataset
 
+from medens.data.ct.readers import source_name, upgrade_legacy_config
 from medens.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def expected_format(data_cfg: Any) -> str | None:
     if target.endswith("XRayDataModule"):
         return "nih_cxr14"
     if target.endswith("CTDataModule"):
-        source = str(data_cfg.get("source", "luna16"))
+        source = source_name(data_cfg.get("source", "luna16"))
         return {"luna16": "luna16", "dicom": "luna16", "voi": "voi", "nodulemnist3d": "npz"}.get(source)
     if "mri" in target.lower() or "brats" in target.lower():
         return "brats"
@@ -96,7 +97,10 @@ def merge_data_config(
 
     Returns None when nothing was given and the split is a normal one (the caller's default path)."""
     hyper = ckpt.get("hyperparameters") or {}
-    own = OmegaConf.create(copy.deepcopy(hyper.get("data") or {}))
+    own = OmegaConf.create(upgrade_legacy_config(hyper.get("data") or {}))  # a copy; old CT form upgraded
+    given = without_case_table(given)  # a table for subgroups, read by the report, never by the datamodule
+    if given is not None and not len(given):
+        given = None
     if given is None and split != "all":
         return None
     if given is None:
@@ -107,6 +111,8 @@ def merge_data_config(
             with open_dict(data_cfg):  # another hospital's folder is never overwritten by a generator
                 if "generate_if_missing" in data_cfg:
                     data_cfg.generate_if_missing = False
+                if isinstance(data_cfg.get("source"), DictConfig) and "generate_if_missing" in data_cfg.source:
+                    data_cfg.source.generate_if_missing = False  # CT's synthetic reader
                 if data_cfg.get("synthetic") is not None:
                     data_cfg.synthetic = None
                 if data_cfg.get("max_images") is not None:
@@ -122,7 +128,7 @@ def merge_data_config(
         data_cfg = given
     if split == "all":
         with open_dict(data_cfg):
-            if str(data_cfg.get("_target_", "")).endswith("CTDataModule") and data_cfg.get("source") != "nodulemnist3d":
+            if str(data_cfg.get("_target_", "")).endswith("CTDataModule") and source_name(data_cfg.get("source")) != "nodulemnist3d":
                 # every case lands in one split; the patient split of training is irrelevant here
                 data_cfg.n_folds, data_cfg.inner_val_fraction = None, 0.0
                 data_cfg.test_fraction, data_cfg.val_fraction = 0.0, 0.0
@@ -166,9 +172,90 @@ def all_cases_loader(dm: Any, batch_size: int) -> Any:
 
 
 # ----------------------------------------------------------------------------- per-case attributes
-def case_attributes(dm: Any) -> pd.DataFrame:
-    """One row per case id of the dataset with every column of its table (empty frame if it has none)."""
+CASE_TABLE_KEY = "case_table"
+
+
+def without_case_table(data_cfg: Any) -> Any:
+    """`cfg.data` without `case_table` (a copy; None stays None)."""
+    if data_cfg is None or CASE_TABLE_KEY not in data_cfg:
+        return data_cfg
+    out = copy.deepcopy(data_cfg)
+    with open_dict(out):
+        out.pop(CASE_TABLE_KEY)
+    return out
+
+
+def case_table_path(cfg: Any) -> Path | None:
+    """`data.case_table=<csv>`: an extra per-case (or per-patient) table to group subgroups by."""
+    data = cfg.get("data") if cfg is not None else None
+    value = data.get(CASE_TABLE_KEY) if data is not None else None
+    if value in (None, ""):
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"data.case_table={value}: no such file (a CSV with one row per case or patient)")
+    return path
+
+
+def read_case_table(path: Path, case_ids: Sequence[str], patient_ids: Sequence[str]) -> pd.DataFrame:
+    """The CSV's rows indexed by case id. The id column is the one whose values name the most of the
+    evaluated cases (e.g. `Brats20ID` of the BraTS survival table), else the most of their patients (each
+    case then gets its patient's row)."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.case_table={path}: not a readable CSV ({exc})") from exc
+    cases, patients = {str(c) for c in case_ids}, {str(p) for p in patient_ids}
+    best: tuple[int, str, str] = (0, "", "")
+    for col in table.columns:
+        values = set(table[col].dropna().str.strip())
+        for n, kind in ((len(values & cases), "case"), (len(values & patients), "patient")):
+            if n > best[0]:
+                best = (n, str(col), kind)
+    if not best[0]:
+        raise ConfigError(
+            f"data.case_table={path}: no column holds the evaluated case or patient ids (columns: "
+            f"{', '.join(map(str, table.columns))}; case ids look like {', '.join(sorted(cases)[:3])})"
+        )
+    n, col, kind = best
+    table[col] = table[col].str.strip()
+    table = table.drop_duplicates(col).set_index(col)
+    if kind == "patient":
+        by_case = dict(zip(map(str, case_ids), map(str, patient_ids), strict=True))
+        table = table.reindex(list(by_case.values()))
+        table.index = pd.Index(list(by_case), name="case_id")
+    total = len(cases) if kind == "case" else len(patients)
+    log.info("case table %s: %d of %d %ss matched by column %r", path, n, total, kind, col)
+    return table
+
+
+def case_attributes(
+    dm: Any, case_table: Path | None = None, case_ids: Sequence[str] = (), patient_ids: Sequence[str] = ()
+) -> pd.DataFrame:
+    """One row per case id of the dataset with every column of its table (empty frame if it has none),
+    joined with the columns of `data.case_table` when given (matched on `case_ids` / `patient_ids`)."""
+    own = _own_case_attributes(dm)
+    if case_table is None:
+        return own
+    extra = read_case_table(case_table, case_ids, patient_ids)
+    extra = extra.drop(columns=[c for c in extra.columns if c in own.columns])
+    return own.join(extra, how="outer") if len(own.columns) else extra
+
+
+def _own_case_attributes(dm: Any) -> pd.DataFrame:
     name = type(dm).__name__
+    if name == "BraTSDataModule":
+        # patient id, and the grade where the folders say it (BraTS 2015/2017/2018: HGG/ and LGG/)
+        from medens.data.mri.brats import patient_id_from_case
+
+        rows = {}
+        for case in dm.cases:
+            row = {"patient_id": patient_id_from_case(case.case_id, getattr(dm, "patient_id_pattern", None))}
+            parent = Path(case.folder).parent.name
+            if parent.upper() in ("HGG", "LGG"):
+                row["grade"] = parent.upper()
+            rows[case.case_id] = row
+        return pd.DataFrame.from_dict(rows, orient="index")
     if name == "XRayDataModule":
         from medens.data.xray import find_label_csv
 

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from medens.utils.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 INTENDED_USE = {
@@ -115,9 +117,11 @@ def render_model_card(metadata: Mapping[str, Any], report: Mapping[str, Any] | N
         lines += ["", "## Subgroups"]
         if sub:
             for col, groups in sub.items():
-                parts = [f"{g}: " + ("too small" if e.get("too_small") else _ci(e.get("mean_auc")))
+                seg = any("metrics" in e for e in groups.values())  # a segmenter's: mean Dice WT per group
+                parts = [f"{g}: " + ("too small" if e.get("too_small") else
+                                     _ci((e.get("metrics") or {}).get("dice_wt") if seg else e.get("mean_auc")))
                          + f" (n={e.get('n_patients')})" for g, e in groups.items()]  # fmt: skip
-                lines.append(f"- {col}: " + "; ".join(parts))
+                lines.append(f"- {col}" + (" (Dice WT)" if seg else " (mean AUC)") + ": " + "; ".join(parts))
                 small = [g for g, e in groups.items() if e.get("too_small")]
                 if small:
                     limitations.append(f"{col}: groups {small} too small to score")
@@ -131,6 +135,8 @@ def render_model_card(metadata: Mapping[str, Any], report: Mapping[str, Any] | N
             lines.append(f"- {name}: ECE {'n/a' if ece is None else f'{ece:.3f}'}, "
                          f"Brier {'n/a' if brier is None else f'{brier:.3f}'}")  # fmt: skip
         applied = cal.get("applied")
+        if cal.get("sampling"):
+            lines.append(f"- Voxel-level, one-vs-rest per region, on {cal['sampling'].get('voxels')} sampled brain voxels")
         lines.append(f"- Post-hoc scaling: {applied['method']} ({applied['formula']})" if applied
                      else "- Post-hoc scaling: none (raw network probabilities)")  # fmt: skip
     else:
@@ -159,10 +165,7 @@ def write_model_card(version_file: str | Path, metadata: Mapping[str, Any], repo
         except Exception as exc:  # noqa: BLE001  (a stale calibration is not the version's)
             log.warning("calibration of %s not copied to the version: %s", src, exc)
     path = card_path(version_file)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(render_model_card(metadata, _load_report(metadata, report)))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, render_model_card(metadata, _load_report(metadata, report)))
 
 
 def write_model_card_safely(version_file: str | Path, metadata: Mapping[str, Any], report: Any = None) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
@@ -41,9 +39,11 @@ from medens.checkpoint.safe_build import load_checkpoint_verified as load_checkp
 from medens.data.mri.brats import REGIONS, canonical_modality  # noqa: E402
 from medens.data.mri.transforms import write_prediction_nifti  # noqa: E402
 from medens.errors import ConfigError  # noqa: E402
-from medens.evaluation.evaluate import build_from_checkpoint, sha256_of  # noqa: E402
+from medens.evaluation.evaluate import build_from_checkpoint  # noqa: E402
 from medens.evaluation.external import is_partial, merge_data_config  # noqa: E402
+from medens.evaluation.predict import predict_each_batch  # noqa: E402
 from medens.metrics.segmentation import DICE_KEYS, HD95_KEYS, mean_metrics, segmentation_metrics  # noqa: E402
+from medens.utils.hashing import sha256_file  # noqa: E402
 from medens.utils.jsonio import write_json_strict  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -206,21 +206,21 @@ def evaluate_segmenter(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if not case_ids:
         sizes = ", ".join(f"{s} {len(dm.split_case_ids(s))}" for s in ("train", "val", "test"))
         raise ConfigError(f"split {split!r} of {dm.root} holds no case ({sizes}); choose another with split=...")
-    device = torch.device(cfg.get("device", "cpu"))
-    model.eval().to(device)
     channels = list(model.io_contract.get("channels") or dm.modalities)
     show = _display_channel(channels)
     rows: list[dict[str, Any]] = []
+    from medens.evaluation.segmentation_report import prepare_report
+
+    report_inputs = prepare_report(cfg, dm)  # options, case table and subgroup columns checked before predicting
     out_dir.mkdir(parents=True, exist_ok=True)
-    for batch in loaders[split]():
+
+    def one_case(batch: dict[str, Any], prediction: dict[str, Any], seconds: float) -> None:
+        """Metrics, NIfTI and figure of one predicted case (`trainer.predict`, batch size 1, on the CPU)."""
         cid = batch["case_id"][0]
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            logits = model.predict_logits(batch["image"].to(device))
-        pred = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
-        seconds = time.perf_counter() - t0
+        pred = prediction["pred"][0, 0].numpy()
         has_label = "label" in batch
         label = batch["label"][0, 0].numpy().astype(np.uint8) if has_label else None
+        report_inputs.sample.add(cid, prediction["logits"][0], label, batch["image"][0])  # voxels for calibration
         row: dict[str, Any] = {"case_id": cid, "has_label": has_label, "inference_seconds": round(seconds, 2)}
         if label is not None:
             spacing = batch["spacing"][0].numpy()
@@ -236,6 +236,9 @@ def evaluate_segmenter(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         log.info("%s: %s (%.1f s)", cid, dice_txt, seconds)
         rows.append(row)
 
+    # the module's predict_step (sliding window) through Lightning's trainer.predict, one case per batch
+    predict_each_batch(model, loaders[split](), one_case, str(cfg.get("device", "cpu")))
+
     labelled = [r for r in rows if r["has_label"]]
     metric_keys = [*DICE_KEYS, *HD95_KEYS, *(f"{k}_undefined" for k in HD95_KEYS)]
     mean = mean_metrics([{k: r[k] for k in metric_keys} for r in labelled]) if labelled else {}
@@ -250,7 +253,7 @@ def evaluate_segmenter(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "label_codes": label_codes,
         "hd95": "mm, symmetric 95th percentile; null where exactly one mask is empty (counted in *_undefined)",
         "checkpoint": str(ckpt_path.resolve()),
-        "checkpoint_sha256": sha256_of(ckpt_path),
+        "checkpoint_sha256": sha256_file(ckpt_path),
         "checkpoint_epoch": ckpt.get("epoch"),
         "channels": channels,
         "data": str(dm.root),
@@ -258,7 +261,7 @@ def evaluate_segmenter(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     }
     from medens.evaluation.segmentation_report import add_intervals_and_report
 
-    add_intervals_and_report(cfg, report, rows, metric_keys, dm, out_dir)  # intervals, predictions.csv, report.html
+    add_intervals_and_report(cfg, report, rows, metric_keys, dm, out_dir, report_inputs, ckpt, ckpt_path)
     write_json_strict(out_dir / "metrics.json", _finite(report))
     columns = ["case_id", "has_label", *metric_keys, "inference_seconds"]
     with open(out_dir / "per_case.csv", "w", newline="") as fh:

@@ -151,3 +151,44 @@ def plot_forest(subgroups: Mapping[str, Any], overall: Mapping[str, Any] | None,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def segmentation_subgroup_metrics(
+    values: Mapping[str, np.ndarray],
+    case_ids: Sequence[str],
+    patient_ids: Sequence[str],
+    attrs: pd.DataFrame,
+    columns: Sequence[str],
+    where: str,
+    bands: Mapping[str, Sequence[float]] | None = None,
+    min_patients: int = 10,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """{column: {group: mean of each per-case value (Dice per region, HD95) with a patient-bootstrap
+    interval | too small}} over the labelled cases given; the same grouping and minimum group size rule
+    as the classifiers' `subgroup_metrics`."""
+    from medens.evaluation.statistics import mean_intervals
+
+    columns = [str(c) for c in columns]
+    check_columns(attrs, columns, where)
+    table = attrs.reindex([str(c) for c in case_ids])
+    pids = np.asarray([str(p) for p in patient_ids])
+    out: dict[str, Any] = {}
+    for col in columns:
+        labels = group_labels(table[col].reset_index(drop=True), col, (bands or {}).get(col)).to_numpy()
+        groups: dict[str, Any] = {}
+        for value in sorted(set(labels.tolist()), key=_order):
+            m = labels == value
+            n_pat = len(set(pids[m].tolist()))
+            entry: dict[str, Any] = {"n_cases": int(m.sum()), "n_patients": n_pat}
+            if n_pat < int(min_patients) or n_pat < 2:
+                entry.update({"too_small": True, "reason": f"fewer than {max(int(min_patients), 2)} patients"})
+            else:
+                boot = PatientBootstrap(pids[m], n_resamples, seed, level, what=f"subgroup {col}={value}")
+                entry.update({"too_small": False,
+                              "metrics": mean_intervals({k: np.asarray(v)[m] for k, v in values.items()}, boot)})  # fmt: skip
+            groups[str(value)] = entry
+        out[col] = groups
+    return out

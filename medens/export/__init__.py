@@ -22,7 +22,6 @@ from medens.export.core import (
     load_runner,
     onnx_opset_range,
     onnxruntime_opset_range,
-    sha256_file,
 )
 
 __all__ = [
@@ -40,6 +39,5 @@ __all__ = [
     "onnxruntime_opset_range",
     "parse_targets",
     "read_manifest",
-    "sha256_file",
     "update_manifest",
 ]

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,9 +33,10 @@ from medens.checkpoint.safe_build import (
     validate_safe_config,
 )
 from medens.errors import CheckpointError, ConfigError, ExportError
-from medens.export.core import check_onnx_opset, export_module, sha256_file
+from medens.export.core import check_onnx_opset, export_module
 from medens.training.validation import validate_values
-from medens.utils.jsonio import to_strict
+from medens.utils.hashing import sha256_file
+from medens.utils.jsonio import write_json_strict
 
 log = logging.getLogger(__name__)
 
@@ -218,21 +218,6 @@ def _cfg_get(cfg: DictConfig, key: str, default: Any = None) -> Any:
     )
 
 
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(to_strict(obj), fh, indent=2, allow_nan=False)  # strict JSON: NaN -> null
-            fh.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """An exports `manifest.json`, refused (`UnsafeCheckpointError` naming the file and key) when any part
     of it could make a reader instantiate code: the network configs it records are checked like a
@@ -268,7 +253,7 @@ def update_manifest(out_dir: Path, entries: dict[str, dict[str, Any]]) -> dict[s
         "note": "network exports compute logits (see outputs[].postprocess for probabilities); ensemble_traced outputs probabilities",
         "exports": dict(sorted(exports.items())),
     }
-    _write_json_atomic(manifest, path)
+    write_json_strict(path, manifest)
     return manifest
 
 

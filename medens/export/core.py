@@ -14,7 +14,6 @@ import contextlib
 import functools
 import logging
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +26,8 @@ import torch
 from torch import nn
 
 from medens.errors import ExportError
-from medens.utils.hashing import sha256_file  # noqa: F401 (part of medens.export's API)
+from medens.utils.atomic import TEMP_SUFFIX, atomic_path
+from medens.utils.hashing import sha256_file
 
 KINDS = ("torchscript_trace", "torchscript_script", "onnx", "torch_export")
 ONNX_EXPORTERS = ("dynamo", "legacy")
@@ -267,11 +267,6 @@ def _write(
             raise ExportError(
                 f"asked for ONNX opset {opset} but the {onnx_exporter} exporter wrote opset {written}"
             )
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # mkstemp's 0600 would hide the export from a serving account
 
 
 def load_runner(kind: str, path: str | os.PathLike) -> Callable[[tuple[torch.Tensor, ...]], list[np.ndarray]]:
@@ -401,61 +396,54 @@ def export_module(
     was_training = module.training
     module.eval()
     start = time.perf_counter()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
-        try:
-            with torch.no_grad():
-                example_out = flatten_outputs(module(*example))
-        except ExportError:
-            raise
-        except Exception as exc:
-            shapes = [tuple(t.shape) for t in example]
-            raise ExportError(
-                f"{path}: {type(module).__name__} fails on the example inputs {shapes}: {_short(exc)}"
-            ) from exc
-        in_names = list(input_names) if input_names else _default_names("input", len(example))
-        out_names = list(output_names) if output_names else _default_names("output", len(example_out))
-        if len(in_names) != len(example) or len(out_names) != len(example_out):
-            raise ExportError(
-                f"{len(in_names)} input names for {len(example)} inputs / {len(out_names)} output names for "
-                f"{len(example_out)} outputs"
-            )
-        try:
-            _write(kind, module, example, tmp, in_names, out_names, dynamic_batch, opset, onnx_exporter)
-            run = load_runner(kind, tmp)
-        except ExportError as exc:
-            raise ExportError(f"{path}: {exc}") from exc
-        except Exception as exc:
-            raise ExportError(
-                f"{path}: {kind} export of {type(module).__name__} failed: {_short(exc)}"
-            ) from exc
-        checks = []
-        for batch in batches:
-            inputs = random_inputs(example, batch, seed + batch)
-            with torch.no_grad():
-                reference = [t.detach().cpu().numpy() for t in flatten_outputs(module(*inputs))]
+        with atomic_path(path, suffix=TEMP_SUFFIX + path.suffix) as tmp:  # exporters want the extension
             try:
-                candidate = run(inputs)
+                with torch.no_grad():
+                    example_out = flatten_outputs(module(*example))
+            except ExportError:
+                raise
+            except Exception as exc:
+                shapes = [tuple(t.shape) for t in example]
+                raise ExportError(
+                    f"{path}: {type(module).__name__} fails on the example inputs {shapes}: {_short(exc)}"
+                ) from exc
+            in_names = list(input_names) if input_names else _default_names("input", len(example))
+            out_names = list(output_names) if output_names else _default_names("output", len(example_out))
+            if len(in_names) != len(example) or len(out_names) != len(example_out):
+                raise ExportError(
+                    f"{len(in_names)} input names for {len(example)} inputs / {len(out_names)} output names for "
+                    f"{len(example_out)} outputs"
+                )
+            try:
+                _write(kind, module, example, tmp, in_names, out_names, dynamic_batch, opset, onnx_exporter)
+                run = load_runner(kind, tmp)
+            except ExportError as exc:
+                raise ExportError(f"{path}: {exc}") from exc
             except Exception as exc:
                 raise ExportError(
-                    f"{path}: the {kind} export fails at batch size {batch}: {_short(exc)}"
+                    f"{path}: {kind} export of {type(module).__name__} failed: {_short(exc)}"
                 ) from exc
-            check = {"batch_size": batch, **compare_outputs(reference, candidate, atol, rtol)}
-            checks.append(check)
-            if not check["passed"]:
-                raise ExportError(
-                    f"{path}: {kind} export does not reproduce the eager {type(module).__name__} "
-                    f"at batch size {batch} within atol={atol:g}, rtol={rtol:g}: {check['reason']}. "
-                    "Nothing was written; any earlier file at this path is unchanged"
-                )
-        del run
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            checks = []
+            for batch in batches:
+                inputs = random_inputs(example, batch, seed + batch)
+                with torch.no_grad():
+                    reference = [t.detach().cpu().numpy() for t in flatten_outputs(module(*inputs))]
+                try:
+                    candidate = run(inputs)
+                except Exception as exc:
+                    raise ExportError(
+                        f"{path}: the {kind} export fails at batch size {batch}: {_short(exc)}"
+                    ) from exc
+                check = {"batch_size": batch, **compare_outputs(reference, candidate, atol, rtol)}
+                checks.append(check)
+                if not check["passed"]:
+                    raise ExportError(
+                        f"{path}: {kind} export does not reproduce the eager {type(module).__name__} "
+                        f"at batch size {batch} within atol={atol:g}, rtol={rtol:g}: {check['reason']}. "
+                        "Nothing was written; any earlier file at this path is unchanged"
+                    )
+            del run
     finally:
         module.train(was_training)
 

@@ -1,5 +1,6 @@
-"""Evaluation metrics shared by medens models."""
+"""Evaluation metrics shared by medens models and reports (conventions in each module's docstring)."""
 
+from .classification import LabelROC, mean_defined, operating_point, per_label_auroc
 from .segmentation import (
     CLASS_NAMES,
     DICE_KEYS,
@@ -20,9 +21,13 @@ __all__ = [
     "HD95_KEYS",
     "REGIONS",
     "BraTSSegmentationMetrics",
+    "LabelROC",
     "dice",
     "hd95",
+    "mean_defined",
     "mean_metrics",
+    "operating_point",
+    "per_label_auroc",
     "segmentation_dice",
     "segmentation_hd95",
     "segmentation_metrics",

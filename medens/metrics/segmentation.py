@@ -11,18 +11,23 @@ Empty structures (documented convention, as in the BraTS challenge where it is d
   the image diagonal) to use that value instead. The accumulator averages HD95 over the cases where
   it is defined and reports how many were undefined.
 
-HD95 is the symmetric 95th percentile: max of the two directed 95th percentiles of
-surface-to-surface distances (surface = mask voxels with a 6-neighbour outside the mask),
-measured in mm with the voxel spacing; this matches MONAI's ``compute_hausdorff_distance``.
+Both come from MONAI: Dice is ``DiceMetric(include_background=True, ignore_empty=False)`` (whose empty-mask
+behaviour is exactly the convention above) and HD95 is ``HausdorffDistanceMetric(percentile=95)``, the
+symmetric 95th percentile of surface-to-surface distances in mm with the voxel spacing. The thin layer
+here only maps BraTS label maps to class/region masks and applies the HD95 empty-mask convention, which
+MONAI leaves as nan/inf. `BraTSSegmentationMetrics` accumulates the per-case values as torchmetrics states.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-from scipy import ndimage
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
 from torchmetrics import Metric
 
 CLASS_NAMES: tuple[str, ...] = ("necrotic_core", "edema", "enhancing")  # classes 1, 2, 3
@@ -53,17 +58,51 @@ def _as_label_map(x: ArrayLike, name: str) -> np.ndarray:
     return arr
 
 
+def _channels(masks: Sequence[np.ndarray]) -> torch.Tensor:
+    """Binary masks [H,W,D] -> one MONAI batch item [1, len(masks), H, W, D]."""
+    return torch.from_numpy(np.stack([np.asarray(m, dtype=bool) for m in masks]).astype(np.float32))[None]
+
+
+@contextmanager
+def _monai_quiet() -> Iterator[None]:
+    """MONAI's own deprecation note (get_mask_edges) and its empty-mask warnings are this module's
+    business: the empty-mask cases are decided here, by the documented convention."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+        warnings.filterwarnings("ignore", message=".*(ground truth|prediction) of class .* is all 0.*")
+        yield
+
+
+def _dice_channels(p: list[np.ndarray], g: list[np.ndarray]) -> list[float]:
+    """MONAI `DiceMetric` per channel; ``ignore_empty=False`` is the convention (both empty 1, one 0)."""
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    with _monai_quiet():
+        values = metric(_channels(p), _channels(g))
+    return [float(v) for v in values[0]]
+
+
+def _hd95_channels(p: list[np.ndarray], g: list[np.ndarray], spacing: Sequence[float] | None) -> list[float]:
+    """MONAI `HausdorffDistanceMetric(percentile=95)` per channel, with the empty-mask convention
+    (both empty 0.0, exactly one empty NaN) decided here rather than by MONAI's nan/inf."""
+    out = [math.nan] * len(p)
+    both = [i for i in range(len(p)) if p[i].any() and g[i].any()]
+    for i in range(len(p)):
+        if not p[i].any() and not g[i].any():
+            out[i] = 0.0
+    if both:
+        ndim = p[0].ndim
+        sp = None if spacing is None else [float(v) for v in np.asarray(spacing, dtype=np.float64)[:ndim]]
+        metric = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
+        with _monai_quiet():
+            values = metric(_channels([p[i] for i in both]), _channels([g[i] for i in both]), spacing=sp)
+        for j, i in enumerate(both):
+            out[i] = float(values[0, j])
+    return out
+
+
 def dice(pred_mask: ArrayLike, gt_mask: ArrayLike) -> float:
     """Dice of two binary masks; 1.0 when both are empty (see module docstring)."""
-    p, g = _np(pred_mask).astype(bool), _np(gt_mask).astype(bool)
-    denom = int(p.sum()) + int(g.sum())
-    if denom == 0:
-        return 1.0
-    return 2.0 * int(np.logical_and(p, g).sum()) / denom
-
-
-def _surface(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+    return _dice_channels([_np(pred_mask).astype(bool)], [_np(gt_mask).astype(bool)])[0]
 
 
 def hd95(pred_mask: ArrayLike, gt_mask: ArrayLike, spacing: Sequence[float] | None = None) -> float:
@@ -71,29 +110,7 @@ def hd95(pred_mask: ArrayLike, gt_mask: ArrayLike, spacing: Sequence[float] | No
     p, g = _np(pred_mask).astype(bool), _np(gt_mask).astype(bool)
     if p.shape != g.shape:
         raise ValueError(f"shape mismatch: prediction {p.shape} vs ground truth {g.shape}")
-    has_p, has_g = bool(p.any()), bool(g.any())
-    if not has_p and not has_g:
-        return 0.0
-    if not has_p or not has_g:
-        return float("nan")
-    sp = np.ones(p.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)[: p.ndim]
-    # restrict to the box around both masks (+1 voxel of background): exact, and much faster
-    union = p | g
-    lo = [
-        int(np.flatnonzero(union.any(axis=tuple(a for a in range(p.ndim) if a != ax)))[0])
-        for ax in range(p.ndim)
-    ]
-    hi = [
-        int(np.flatnonzero(union.any(axis=tuple(a for a in range(p.ndim) if a != ax)))[-1]) + 1
-        for ax in range(p.ndim)
-    ]
-    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    p = np.pad(p[box], 1)
-    g = np.pad(g[box], 1)
-    sp_p, sp_g = _surface(p), _surface(g)
-    dist_to_g = ndimage.distance_transform_edt(~sp_g, sampling=sp)
-    dist_to_p = ndimage.distance_transform_edt(~sp_p, sampling=sp)
-    return float(max(np.percentile(dist_to_g[sp_p], 95), np.percentile(dist_to_p[sp_g], 95)))
+    return _hd95_channels([p], [g], spacing)[0]
 
 
 def segmentation_dice(pred: ArrayLike, target: ArrayLike) -> dict[str, float]:
@@ -104,11 +121,10 @@ def segmentation_dice(pred: ArrayLike, target: ArrayLike) -> dict[str, float]:
     p, g = _as_label_map(pred, "pred"), _as_label_map(target, "target")
     if p.shape != g.shape:
         raise ValueError(f"shape mismatch: prediction {p.shape} vs ground truth {g.shape}")
-    out: dict[str, float] = {}
-    for c, name in enumerate(CLASS_NAMES, start=1):
-        out[f"dice_{name}"] = dice(p == c, g == c)
-    for r, classes in REGIONS.items():
-        out[f"dice_{r}"] = dice(np.isin(p, classes), np.isin(g, classes))
+    names = [f"dice_{n}" for n in CLASS_NAMES] + [f"dice_{r}" for r in REGIONS]
+    pm = [p == c for c in range(1, len(CLASS_NAMES) + 1)] + [np.isin(p, c) for c in REGIONS.values()]
+    gm = [g == c for c in range(1, len(CLASS_NAMES) + 1)] + [np.isin(g, c) for c in REGIONS.values()]
+    out = dict(zip(names, _dice_channels(pm, gm), strict=True))
     out["dice_mean_class"] = float(np.mean([out[f"dice_{n}"] for n in CLASS_NAMES]))
     out["dice_mean"] = float(np.mean([out[f"dice_{r}"] for r in REGIONS]))
     return out
@@ -124,9 +140,10 @@ def segmentation_hd95(
     p, g = _as_label_map(pred, "pred"), _as_label_map(target, "target")
     if p.shape != g.shape:
         raise ValueError(f"shape mismatch: prediction {p.shape} vs ground truth {g.shape}")
+    values = _hd95_channels([np.isin(p, c) for c in REGIONS.values()], [np.isin(g, c) for c in REGIONS.values()],
+                            spacing)  # fmt: skip
     out: dict[str, float] = {}
-    for r, classes in REGIONS.items():
-        v = hd95(np.isin(p, classes), np.isin(g, classes), spacing)
+    for r, v in zip(REGIONS, values, strict=True):
         undefined = bool(np.isnan(v))
         out[f"hd95_{r}"] = float(empty_penalty) if undefined and empty_penalty is not None else v
         out[f"hd95_{r}_undefined"] = float(undefined)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from medens.checkpoint.io import MEDENS_KEY
+from medens.errors import ConfigError
 
 
 def seen_patients(datamodule: Any) -> list[str] | None:
@@ -30,10 +32,17 @@ def seen_patients(datamodule: Any) -> list[str] | None:
 class MedensModule(pl.LightningModule):
     """Base LightningModule: holds the bare network as `self.net` and fills the checkpoint keys.
 
-    Subclasses set `monitor` (the logged metric that decides the best checkpoint, e.g. `val/auc`),
-    `monitor_mode` and `metric_key` (the checkpoint key for it, e.g. `val_auc`). Optimizer and scheduler
-    come from Hydra as partials (`_partial_: true`) and are completed with the parameters here.
-    `name` is the checkpoint file prefix (`resnet50` -> `resnet50_best.pth`).
+    `monitor`/`monitor_mode` (the logged metric that decides the best checkpoint, e.g. `val/auc`, and
+    whether higher is better) come from the config: `conf/model/*.yaml` passes the run's top-level
+    `monitor`/`monitor_mode`, the same values the checkpoint and early-stopping callbacks read, so the two
+    cannot disagree (any logged metric works, e.g. `monitor=val/loss monitor_mode=min`). The class
+    attributes are only the defaults for a module built without them (older checkpoints). `metric_key` is
+    the checkpoint key of the modality's headline metric (e.g. `val_auc`). Optimizer and scheduler come from
+    Hydra as partials (`_partial_: true`) and are completed with the parameters here. `name` is the
+    checkpoint file prefix (`resnet50` -> `resnet50_best.pth`).
+
+    Subclasses log their epoch metrics in `log_epoch_metrics(stage)`; the base class then tracks the best
+    monitored value, whatever metric that is.
     """
 
     monitor: str = "val/loss"
@@ -49,9 +58,17 @@ class MedensModule(pl.LightningModule):
         compile: bool = False,
         channels_last: bool = False,
         name: str = "model",
+        monitor: str | None = None,
+        monitor_mode: str | None = None,
     ) -> None:
         super().__init__()
         self.name = name
+        if monitor is not None:
+            self.monitor = str(monitor)
+        if monitor_mode is not None:
+            if monitor_mode not in ("min", "max"):
+                raise ConfigError(f"monitor_mode must be 'min' or 'max', got {monitor_mode!r}")
+            self.monitor_mode = str(monitor_mode)
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -63,25 +80,19 @@ class MedensModule(pl.LightningModule):
         self.run_config: dict[str, Any] = {}
         # Facts a model travels with (label order, channels, preprocessing); merged into hyperparameters.
         self.io_contract: dict[str, Any] = {}
-        # Per-stage scores and targets collected over an evaluation epoch (never checkpointed).
-        self._outputs: dict[str, list[torch.Tensor]] = {}
 
-    def collect_outputs(self, stage: str, scores: torch.Tensor, targets: torch.Tensor) -> None:
-        """Keep one batch's scores and targets until the end of the `stage` epoch."""
-        self._outputs.setdefault(f"{stage}_scores", []).append(scores.detach())
-        self._outputs.setdefault(f"{stage}_targets", []).append(targets.detach())
+    def log_epoch_metrics(self, stage: str) -> None:
+        """Log the `stage` (val/test) epoch's metrics; subclasses compute them from their torchmetrics."""
 
-    def gather_outputs(self, stage: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """All of the `stage` epoch's scores and targets, from every DDP rank, on the CPU (None if empty)."""
-        scores = self._outputs.pop(f"{stage}_scores", [])
-        targets = self._outputs.pop(f"{stage}_targets", [])
-        if not scores:
-            return None
-        s, t = torch.cat(scores), torch.cat(targets)
-        gs, gt = self.all_gather(s), self.all_gather(t)
-        if gs.dim() > s.dim():  # (world, n, ...) under DDP
-            gs, gt = gs.flatten(0, 1), gt.flatten(0, 1)
-        return gs.cpu(), gt.cpu()
+    def on_validation_epoch_end(self) -> None:
+        self.log_epoch_metrics("val")
+        if self._trainer is not None and not self.trainer.sanity_checking:
+            value = self._metric(self.monitor)
+            if value is not None and math.isfinite(value):
+                self.update_best(value)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_epoch_metrics("test")
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None

@@ -16,14 +16,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torchmetrics.functional.classification import binary_auroc
 
 from medens.checkpoint.io import MEDENS_KEY
 from medens.errors import ConfigError
-from medens.evaluation.classification import operating_points, threshold_for_sensitivity
+from medens.metrics.classification import LabelROC
 from medens.models.base import MedensModule
 
 
@@ -69,8 +67,11 @@ class CTClassifier(MedensModule):
         compile: bool = False,
         channels_last: bool = False,
         name: str = "3dcnn",
+        monitor: str | None = None,
+        monitor_mode: str | None = None,
     ) -> None:
-        super().__init__(net, optimizer, scheduler, scheduler_interval, compile, channels_last, name)
+        super().__init__(net, optimizer, scheduler, scheduler_interval, compile, channels_last, name,
+                         monitor=monitor, monitor_mode=monitor_mode)  # fmt: skip
         if isinstance(pos_weight, str) and pos_weight != "balanced":
             raise ConfigError(f"model.pos_weight must be null, 'balanced' or a number, got {pos_weight!r}")
         if not 0.0 < float(threshold) < 1.0:
@@ -89,6 +90,8 @@ class CTClassifier(MedensModule):
         self.tta_flips = bool(tta_flips)
         self.register_buffer("pos_weight", None, persistent=False)
         self.operating_point: dict[str, Any] = {}
+        # the epoch's exact ROC (torchmetrics, synced across DDP ranks): AUC and both operating points
+        self.val_roc, self.test_roc = LabelROC(1), LabelROC(1)
 
     @property
     def sens_tag(self) -> str:
@@ -162,7 +165,7 @@ class CTClassifier(MedensModule):
         loss = self._loss(logits, batch["label"])
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=x.shape[0])
         probs = self.predict_proba(x) if self.tta_flips else self.probability(logits)
-        self.collect_outputs(stage, probs[:, 0], batch["label"].float())
+        (self.val_roc if stage == "val" else self.test_roc).update(probs[:, 0], batch["label"].float())
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -171,21 +174,20 @@ class CTClassifier(MedensModule):
         self._eval_step("test", batch)
 
     # ------------------------------------------------------------------ epoch metrics
-    def _epoch_metrics(self, stage: str) -> None:
-        gathered = self.gather_outputs(stage)
-        if gathered is None:
+    def log_epoch_metrics(self, stage: str) -> None:
+        roc = self.val_roc if stage == "val" else self.test_roc
+        if roc.update_count == 0:
             return
-        p, t = gathered[0].reshape(-1), gathered[1].reshape(-1)
-        auc = float(binary_auroc(p, t.long())) if 0 < float(t.sum()) < t.numel() else math.nan
-        pn, tn = p.numpy().astype(np.float64), t.numpy()
-        (at,) = operating_points(pn, tn, [self.threshold])
-        op = threshold_for_sensitivity(pn, tn, self.target_sensitivity)
+        auc = float(roc.auroc()[0])  # NaN without both classes (medens.metrics.classification)
+        op = roc.operating_point(self.threshold, self.target_sensitivity)
+        roc.reset()
+        at = {"sensitivity": op["sensitivity"], "specificity": op["specificity"]}
         values = {
             "auc": auc,
             "sensitivity": at["sensitivity"],
             "specificity": at["specificity"],
-            f"threshold_at_{self.sens_tag}_sensitivity": op["threshold"],
-            f"specificity_at_{self.sens_tag}_sensitivity": op["specificity"],
+            f"threshold_at_{self.sens_tag}_sensitivity": op["threshold_at_target"],
+            f"specificity_at_{self.sens_tag}_sensitivity": op["specificity_at_target"],
         }
         for key, value in values.items():
             self.log(f"{stage}/{key}", value, sync_dist=False, rank_zero_only=False)
@@ -197,24 +199,17 @@ class CTClassifier(MedensModule):
                 "sensitivity": at["sensitivity"],
                 "specificity": at["specificity"],
                 "target_sensitivity": self.target_sensitivity,
-                "threshold_at_target_sensitivity": op["threshold"],
-                "sensitivity_at_target_threshold": op["sensitivity"],
-                "specificity_at_target_sensitivity": op["specificity"],
+                "threshold_at_target_sensitivity": op["threshold_at_target"],
+                "sensitivity_at_target_threshold": op["sensitivity_at_target"],
+                "specificity_at_target_sensitivity": op["specificity_at_target"],
             }
-            if not math.isnan(auc):
-                self.update_best(auc)
-
-    def on_validation_epoch_end(self) -> None:
-        self._epoch_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._epoch_metrics("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return {
             "probs": self.predict_proba(batch["image"]),
-            "label": batch["label"],
+            "label": batch.get("label"),
             "case_id": batch["case_id"],
+            "patient_id": batch.get("patient_id", batch["case_id"]),  # the bootstrap unit of evaluation
         }
 
     # ------------------------------------------------------------------ checkpoint

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchmetrics.functional.classification import binary_auroc
 
 from medens.errors import ConfigError
+from medens.metrics.classification import LabelROC, mean_defined
 from medens.models.base import MedensModule
 
 
@@ -63,20 +63,6 @@ class StackingMLP(nn.Module):
         return self.layers(x)
 
 
-def mean_auc(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """Mean AUC over targets (unknown targets masked; a target with one class is left out)."""
-    per = []
-    for j in range(targets.shape[1]):
-        ok = ~torch.isnan(targets[:, j])
-        t = targets[ok, j]
-        if t.numel() and 0 < t.sum() < t.numel():
-            per.append(float(binary_auroc(scores[ok, j], t.long())))
-        else:
-            per.append(float("nan"))
-    valid = [p for p in per if p == p]
-    return torch.tensor(sum(valid) / len(valid) if valid else float("nan")), per
-
-
 class MetaLearner(MedensModule):
     """Stacking head over the base models' features; val/auc (mean over targets) picks the checkpoint."""
 
@@ -95,6 +81,8 @@ class MetaLearner(MedensModule):
         self.modality_dropout = modality_dropout
         self.targets: list[str] = []
         self._slices: dict[str, tuple[list[int], int]] = {}
+        self.val_roc: LabelROC | None = None  # built at setup, when the number of targets is known
+        self.test_roc: LabelROC | None = None
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -103,6 +91,8 @@ class MetaLearner(MedensModule):
             return
         self.net.build(dm.num_features, len(dm.targets))
         self.targets = list(dm.targets)
+        if self.val_roc is None or self.val_roc.num_labels != len(self.targets):
+            self.val_roc, self.test_roc = LabelROC(len(self.targets)), LabelROC(len(self.targets))
         self._slices = dm.modality_slices()
         if self.modality_dropout is None:
             self.modality_dropout = float(getattr(dm, "modality_dropout", 0.0))
@@ -139,7 +129,10 @@ class MetaLearner(MedensModule):
         x, y = batch
         logits = self.net(x)
         self.log(f"{stage}/loss", self._loss(logits, y), on_step=False, on_epoch=True, batch_size=len(x))
-        self.collect_outputs(stage, torch.sigmoid(logits), y)
+        roc = self.val_roc if stage == "val" else self.test_roc
+        if roc is None:
+            raise ConfigError("MetaLearner: evaluation before setup (the number of targets is set from the data)")
+        roc.update(torch.sigmoid(logits), y)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -147,23 +140,16 @@ class MetaLearner(MedensModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("test", batch)
 
-    def _epoch_end(self, stage: str) -> None:
-        out = self.gather_outputs(stage)
-        if out is None:
+    def log_epoch_metrics(self, stage: str) -> None:
+        roc = self.val_roc if stage == "val" else self.test_roc
+        if roc is None or roc.update_count == 0:
             return
-        auc, per = mean_auc(*out)
-        self.log(f"{stage}/auc", auc)
+        per = [float(v) for v in roc.auroc()]  # torchmetrics syncs the epoch's scores across DDP ranks
+        roc.reset()
+        self.log(f"{stage}/auc", mean_defined(per))
         for name, v in zip(self.targets, per, strict=False):
             if v == v:
                 self.log(f"{stage}/auc_{name}", v)
-        if stage == "val" and not self.trainer.sanity_checking and auc == auc:
-            self.update_best(float(auc))
-
-    def on_validation_epoch_end(self) -> None:
-        self._epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._epoch_end("test")
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ the best checkpoint.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -86,8 +85,11 @@ class UNetSegmenter(MedensModule):
         compile: bool = False,
         channels_last: bool = False,
         name: str = "unet",
+        monitor: str | None = None,
+        monitor_mode: str | None = None,
     ) -> None:
-        super().__init__(net, optimizer, scheduler, scheduler_interval, compile, channels_last, name)
+        super().__init__(net, optimizer, scheduler, scheduler_interval, compile, channels_last, name,
+                         monitor=monitor, monitor_mode=monitor_mode)  # fmt: skip
         self.loss_fn = loss if loss is not None else default_loss()
         self.inferer = inferer if inferer is not None else default_inferer()
         self.hd95_empty_penalty = hd95_empty_penalty
@@ -164,17 +166,16 @@ class UNetSegmenter(MedensModule):
         self.log(f"{stage}/dice", mean, prog_bar=True, sync_dist=False, rank_zero_only=False)
         for key, value in values.items():
             self.log(f"{stage}/{key}", value, sync_dist=False, rank_zero_only=False)
-        if stage == "val" and not self.trainer.sanity_checking and math.isfinite(mean):
-            self.update_best(mean)
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val", self.val_metrics, self.val_loss)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test", self.test_metrics, self.test_loss)
+    def log_epoch_metrics(self, stage: str) -> None:
+        if stage == "val":
+            self._log_epoch("val", self.val_metrics, self.val_loss)
+        else:
+            self._log_epoch("test", self.test_metrics, self.test_loss)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         logits = self.predict_logits(batch["image"])
         out = {k: v for k, v in batch.items() if k not in ("image",)}
+        out["logits"] = logits  # evaluation samples voxels of them for calibration
         out["pred"] = logits.argmax(dim=1, keepdim=True).to(torch.uint8)
         return out

@@ -14,9 +14,9 @@ from urllib.parse import urlparse
 import torch
 import torchvision
 from torch import nn
-from torchmetrics.functional.classification import binary_auroc
 
 from medens.errors import CheckpointError, ConfigError
+from medens.metrics.classification import LabelROC, mean_defined
 from medens.models.base import MedensModule
 
 log = logging.getLogger(__name__)
@@ -130,21 +130,9 @@ def masked_bce_with_logits(
     return (loss * known).sum() / known.sum().clamp_min(1)
 
 
-def per_class_auroc(probs: torch.Tensor, targets: torch.Tensor) -> list[float]:
-    """AUROC per column; NaN where a column has no positive or no negative (AUC undefined)."""
-    out = []
-    for c in range(targets.shape[1]):
-        known = ~torch.isnan(targets[:, c])
-        t = targets[known, c]
-        if t.numel() == 0 or t.min() == t.max():
-            out.append(math.nan)
-        else:
-            out.append(float(binary_auroc(probs[known, c], t.long())))
-    return out
-
-
 class XRayClassifier(MedensModule):
-    """Multi-label chest X-ray LightningModule; logs `val/auc` (mean over defined classes) and per class."""
+    """Multi-label chest X-ray LightningModule; logs `val/auc` (mean over defined classes) and per class
+    (`medens.metrics.classification`: unknown labels masked, a class without both outcomes left out)."""
 
     monitor = "val/auc"
     monitor_mode = "max"
@@ -162,9 +150,14 @@ class XRayClassifier(MedensModule):
         compile: bool = False,
         channels_last: bool = False,
         name: str = "resnet50",
+        monitor: str | None = None,
+        monitor_mode: str | None = None,
     ) -> None:
-        super().__init__(net, optimizer, scheduler, scheduler_interval, compile, channels_last, name)
+        super().__init__(net, optimizer, scheduler, scheduler_interval, compile, channels_last, name,
+                         monitor=monitor, monitor_mode=monitor_mode)  # fmt: skip
         self.label_names = list(label_names or [])
+        outputs = getattr(getattr(net, "fc", None), "out_features", None) or len(self.label_names) or 1
+        self.val_roc, self.test_roc = LabelROC(outputs), LabelROC(outputs)
         self.pos_weight_mode = pos_weight
         self.max_pos_weight = max_pos_weight
         self.register_buffer("pos_weight", None, persistent=False)
@@ -172,6 +165,8 @@ class XRayClassifier(MedensModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        # data.augment_on=device: the datamodule's batched augmentation, applied in on_after_batch_transfer
+        self.batch_augment = getattr(dm, "batch_augment", None)
         self._record_weights_preprocessing()
         if dm is not None and hasattr(dm, "labels"):
             if not self.label_names:
@@ -219,6 +214,23 @@ class XRayClassifier(MedensModule):
                         meta["name"], meta["crop_size"], size)  # fmt: skip
         pre["weights"] = dict(meta)
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches of `data.augment_on=device` carry uint8 images and per-item parameters
+        (`augment`): augment and normalise them here, batched, on the device (medens/data/xray_augment.py).
+        Evaluation batches have no `augment` and pass through unchanged."""
+        if not isinstance(batch, dict) or "augment" not in batch:
+            return batch
+        augment = getattr(self, "batch_augment", None)
+        if augment is None:
+            raise ConfigError(
+                "a training batch carries on-device augmentation parameters but the model has no batch "
+                "augmentation: train through a Trainer with the X-ray datamodule (data.augment_on=device), "
+                "or set data.augment_on=loader"
+            )
+        batch = dict(batch)
+        batch["image"] = augment(batch["image"], batch.pop("augment"))
+        return batch
+
     def _step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         x = batch["image"]
         if self.channels_last:
@@ -252,7 +264,7 @@ class XRayClassifier(MedensModule):
     def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
         logits, loss = self._step(batch)
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
-        self.collect_outputs(stage, torch.sigmoid(logits.float()), batch["label"])
+        (self.val_roc if stage == "val" else self.test_roc).update(torch.sigmoid(logits.float()), batch["label"])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -260,26 +272,20 @@ class XRayClassifier(MedensModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step("test", batch)
 
-    def _epoch_auc(self, stage: str) -> None:
-        gathered = self.gather_outputs(stage)
-        if gathered is None:
+    def log_epoch_metrics(self, stage: str) -> None:
+        roc = self.val_roc if stage == "val" else self.test_roc
+        if roc.update_count == 0:
             return
-        aucs = per_class_auroc(*gathered)
-        defined = [a for a in aucs if not math.isnan(a)]
-        mean = sum(defined) / len(defined) if defined else math.nan
-        self.log(f"{stage}/auc", mean, sync_dist=False, rank_zero_only=False)
+        aucs = [float(a) for a in roc.auroc()]  # torchmetrics syncs the epoch's scores across DDP ranks
+        roc.reset()
+        self.log(f"{stage}/auc", mean_defined(aucs), sync_dist=False, rank_zero_only=False)
         names = self.label_names or [str(i) for i in range(len(aucs))]
         for name, auc in zip(names, aucs, strict=True):
             self.log(f"{stage}/auc_{name}", auc)
-        if stage == "val" and not self.trainer.sanity_checking and not math.isnan(mean):
-            self.update_best(mean)
-
-    def on_validation_epoch_end(self) -> None:
-        self._epoch_auc("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._epoch_auc("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        logits, _ = self._step(batch)
-        return {"probs": torch.sigmoid(logits.float()), "label": batch["label"], "case_id": batch["case_id"]}
+        x = batch["image"]
+        logits = self.net(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x)
+        # what evaluation reports per case (`trainer.predict`); the patient is the bootstrap unit
+        return {"probs": torch.sigmoid(logits.float()), "label": batch.get("label"), "case_id": batch["case_id"],
+                "patient_id": batch.get("patient_id", batch["case_id"])}  # fmt: skip

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +28,7 @@ from typing import IO, Any, Protocol
 
 from medens.errors import CheckpointError, RegistryError
 from medens.registry.semver import BUMPS, NO_VERSION, SEMVER_PATTERN, SemVer
+from medens.utils.atomic import atomic_path, atomic_write_text
 from medens.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -178,66 +178,28 @@ def _copy_stream(src: IO[bytes], dst: IO[bytes], hasher: Any) -> None:
         dst.write(chunk)
 
 
-def _fsync_dir(directory: Path) -> None:
+def _atomic_copy(src: Path, dst: Path) -> str:
+    """Copy `src` to a new `dst` (never replacing one) through medens' atomic write; returns the copy's SHA-256,
+    checked against what reads back from disk before it is published."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _publish(tmp: Path, dst: Path) -> None:
-    """Move a finished temp file to `dst`, refusing to replace an existing file (hard link, then unlink)."""
-    try:
-        os.link(tmp, dst)
+        with atomic_path(dst, exclusive=True) as tmp:
+            hasher = hashlib.sha256()
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                _copy_stream(fin, fout, hasher)
+            digest = hasher.hexdigest()
+            on_disk = sha256_file(tmp)
+            if on_disk != digest:
+                raise RegistryError(f"{dst}: copy of {src} reads back with SHA-256 {on_disk}, expected {digest}")
     except FileExistsError:
         raise RegistryError(f"{dst} already exists; versions are never overwritten") from None
-    except OSError:  # no hard links on this file system: check, then rename
-        if dst.exists():
-            raise RegistryError(f"{dst} already exists; versions are never overwritten") from None
-        os.replace(tmp, dst)
-    else:
-        tmp.unlink()
-    _fsync_dir(dst.parent)
-
-
-def _atomic_copy(src: Path, dst: Path) -> str:
-    """Copy `src` to `dst` through a fsynced temp file in dst's folder; returns the copy's SHA-256."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    tmp = Path(tmp_name)
-    try:
-        hasher = hashlib.sha256()
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-            _copy_stream(fin, fout, hasher)
-            fout.flush()
-            os.fsync(fout.fileno())
-        digest = hasher.hexdigest()
-        on_disk = sha256_file(tmp)
-        if on_disk != digest:
-            raise RegistryError(f"{dst}: copy of {src} reads back with SHA-256 {on_disk}, expected {digest}")
-        _publish(tmp, dst)
-        return digest
-    finally:
-        tmp.unlink(missing_ok=True)
+    return digest
 
 
 def _atomic_write_json(path: Path, doc: dict[str, Any]) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=2, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write_text(path, json.dumps(doc, indent=2, default=str) + "\n", exclusive=True)
+    except FileExistsError:
+        raise RegistryError(f"{path} already exists; versions are never overwritten") from None
 
 
 def _dataset(hyper: dict[str, Any]) -> dict[str, Any]:

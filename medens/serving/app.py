@@ -232,7 +232,11 @@ def _mri_response(
     served: ServedModel, logits: np.ndarray, decoded: Mapping[str, Any], fields: Mapping[str, str],
     started: float, respond: Any,
 ) -> Any:  # fmt: skip
-    probs = torch.softmax(torch.from_numpy(logits).float(), 0)
+    from medens.evaluation.voxel_calibration import temperature_of
+
+    # the softmax temperature evaluation fitted (export manifest); argmax, so the label map, is unchanged
+    temperature = temperature_of(served.entry.get("calibration"))
+    probs = torch.softmax(torch.from_numpy(logits).float() / temperature, 0)
     labels = probs.argmax(0).numpy().astype(np.uint8)
     spacing = np.asarray(decoded.get("spacing", [1.0, 1.0, 1.0]), dtype=np.float64)
     voxel_ml = float(np.prod(spacing)) / 1000.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ def load_from_config(cfg: DictConfig) -> ServedModel:
     """The verified, loaded model of `cfg` (start-up errors are `ServeError` / `StoreError` naming the cause)."""
     import torch
 
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    # intra-op threads for torch and onnxruntime (sessions read torch's count): all cores by default, so the
+    # one batch worker thread uses the whole CPU while request decoding runs in the event loop's thread pool
+    torch.set_num_threads(int(cfg.get("threads") or cpu_cores()))
     store = None
     section = cfg.get("store")
     if section is not None and section.get("enabled", False):
@@ -30,9 +32,21 @@ def load_from_config(cfg: DictConfig) -> ServedModel:
     bundle = resolve_bundle(
         model, version, Path(str(cfg.paths.saved_models_dir)), Path(str(cfg.exports_dir)), store
     )
+    optimize = cfg.get("optimize")
     return ServedModel(
-        model, bundle, [str(f) for f in cfg.get("formats") or ["onnx", "torchscript", "export"]]
+        model,
+        bundle,
+        [str(f) for f in cfg.get("formats") or ["onnx", "torchscript", "export"]],
+        None if optimize is None else bool(optimize),
     )
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (the container's CPU set, not the host's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover (macOS)
+        return max(1, os.cpu_count() or 1)
 
 
 def settings_of(cfg: DictConfig) -> dict[str, Any]:

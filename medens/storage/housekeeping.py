@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from medens.errors import MedensError
+from medens.utils.atomic import finish_temp, publish_first_free, temp_sibling
 
 log = logging.getLogger(__name__)
 
@@ -445,23 +445,6 @@ def _verify_archive(path: Path, expected: Mapping[str, int | None]) -> None:
         )
 
 
-def _publish(tmp: Path, candidates: Iterable[Path]) -> Path:
-    """Give `tmp` the first free name, atomically and never replacing an existing archive."""
-    for target in candidates:
-        try:
-            os.link(tmp, target)  # fails if target exists, even if created a moment ago by someone else
-        except FileExistsError:
-            continue
-        except OSError:  # no hard links on this filesystem: check, then rename
-            if target.exists():
-                continue
-            os.replace(tmp, target)
-            return target
-        tmp.unlink()
-        return target
-    raise AssertionError("unreachable")
-
-
 def archive_saved_models(
     saved_models_dir: str | os.PathLike,
     archive_dir: str | os.PathLike,
@@ -499,11 +482,9 @@ def archive_saved_models(
 
     archive_dir.mkdir(parents=True, exist_ok=True)
     first = next(iter(archive_candidates(archive_dir, today)))
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{first.name}.", suffix=".tmp", dir=archive_dir)
-    tmp = Path(tmp_name)
-    try:
+    with temp_sibling(first) as tmp:
         expected: dict[str, int | None] = {}
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "wb") as fh:
             with gzip.GzipFile(
                 filename=first.name, mode="wb", fileobj=fh, compresslevel=compress_level
             ) as gz:
@@ -516,16 +497,9 @@ def archive_saved_models(
                         else:
                             tar.addfile(info)
                         expected[arcname] = info.size if info.isfile() else None
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        finish_temp(tmp)
         _verify_archive(tmp, expected)
-        target = _publish(tmp, archive_candidates(archive_dir, today))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        target = publish_first_free(tmp, archive_candidates(archive_dir, today))  # never overwrites
     return ArchiveResult(target, len(files), n_bytes, False, list(expected))
 
 

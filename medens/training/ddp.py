@@ -25,6 +25,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
+from medens.utils.atomic import atomic_write_text
+
 DDP_ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
@@ -128,6 +130,6 @@ class SampleIdLog(Callback):
         ]
         self.folder.mkdir(parents=True, exist_ok=True)
         out = self.folder / f"sample_ids_rank{trainer.global_rank}.json"
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size, "epochs": self.epochs}))
-        os.replace(tmp, out)
+        atomic_write_text(
+            out, json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size, "epochs": self.epochs})
+        )

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 from medens.errors import CheckpointError, ConfigError
+from medens.utils.atomic import atomic_copy
 from medens.utils.locking import owned_lock
 
 log = logging.getLogger(__name__)
@@ -99,21 +99,6 @@ def remove_leftover_temp_files(folder: Path, recursive: bool = True, min_age_s: 
             log.warning("removed %s: the temporary file of a save that never finished (a killed run)", p)
             removed.append(p)
     return removed
-
-
-def atomic_copy_replace(src: Path, dst: Path) -> None:
-    """Copy `src` over `dst` through a fsynced temp file beside `dst` (readers see the old or the new file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
-            while chunk := fin.read(1 << 20):
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _checkpoint_score(path: Path) -> tuple[Any, Any]:
@@ -188,8 +173,8 @@ class RunFiles:
         for rec in self.record_names:  # records first, the best file last: it names the run's weights
             src = self.write_dir / rec
             if src.is_file():
-                atomic_copy_replace(src, self.canonical_dir / rec)
-        atomic_copy_replace(best, dst)
+                atomic_copy(src, self.canonical_dir / rec)
+        atomic_copy(best, dst)
         log.info("published %s -> %s (publish=%s)", best, dst, self.publish)
         self.published = dst
         return dst

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medens.checkpoint.io import MedensCheckpointIO
+from medens.logging_setup import console_shows, install_warning_filters
 from medens.training import cluster
 from medens.training.ddp import MedensDDPStrategy, RunTopology, cleanup_distributed
 from medens.training.instantiate import instantiate_callbacks, instantiate_loggers
@@ -67,6 +68,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     the best checkpoint.
     """
     validate_config(cfg)
+    install_warning_filters()
     cluster.check_environment(cfg)  # torchrun/SLURM topology vs trainer.num_nodes/devices, trainer=slurm outside SLURM
     cluster.check_resume(cfg, cluster.config_world_size(cfg))  # ckpt_path of another modality/model/world size
     _hydra_job_paths(cfg)
@@ -126,7 +128,11 @@ def _train(cfg: DictConfig, run_files: RunFiles | None) -> tuple[dict[str, Any],
             ckpt = best if cfg.get("train", True) else cfg.get("ckpt_path")
             if ckpt is None:
                 log.warning("no best checkpoint was written; testing the current weights")
-            trainer.test(model=model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+            # Lightning's table of test metrics is an INFO message: not on the main job's quiet console
+            trainer.test(
+                model=model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True,
+                verbose=console_shows(logging.INFO),
+            )  # fmt: skip
             metrics.update({k: v for k, v in _plain_metrics(trainer).items() if k.startswith("test/")})
     finally:
         cleanup_distributed(launched_here)

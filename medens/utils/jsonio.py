@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from medens.utils.atomic import atomic_write_text
 
 
 def to_strict(obj: Any) -> Any:
@@ -47,17 +48,4 @@ def dumps_strict(obj: Any, indent: int | None = 2) -> str:
 
 def write_json_strict(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
     """Write ``obj`` as strict JSON atomically (temporary file beside it, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = dumps_strict(obj, indent) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_write_text(path, dumps_strict(obj, indent) + "\n")

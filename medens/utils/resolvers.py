@@ -6,6 +6,8 @@ import os
 
 from omegaconf import OmegaConf
 
+from medens.utils.paths import cache_root
+
 
 def register_resolvers() -> None:
     """`${medens.cwd:}` is the absolute working directory at resolution time.
@@ -19,6 +21,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("medens.cpus", _cpus)
     if not OmegaConf.has_resolver("medens.gpu_precision"):  # bf16-mixed on a bf16 GPU, else 32-true
         OmegaConf.register_new_resolver("medens.gpu_precision", _gpu_precision)
+    if not OmegaConf.has_resolver("medens.cache_root"):  # `${medens.cache_root:<default>}`: $MEDENS_CACHE or default
+        OmegaConf.register_new_resolver("medens.cache_root", lambda default=None: str(cache_root(default)))
     from medens.training.cluster import register_cluster_resolvers  # torchrun/SLURM topology, rank 0 output
 
     register_cluster_resolvers()

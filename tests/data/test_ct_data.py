@@ -22,6 +22,13 @@ from medens.data.ct.geometry import (
     world_to_voxel,
 )
 from medens.data.ct.labels import apply_rule, normalise_rule
+from medens.data.ct.readers import (
+    DicomReader,
+    Luna16Reader,
+    NoduleMNIST3DReader,
+    SyntheticLuna16Reader,
+    VOIReader,
+)
 from medens.data.ct.synthetic import ensure_luna16_synthetic, generate_luna16_synthetic
 from medens.data.ct.transforms import CTAugment
 from medens.errors import ConfigError, DataError
@@ -59,9 +66,8 @@ def tiny_luna(root: Path) -> dict[str, Path]:
 
 def dm_kwargs(root: Path, cache: Path, **kw) -> dict:
     base = dict(
-        source="luna16",
+        source=Luna16Reader(labels_csv=None),
         root=str(root),
-        labels_csv=None,
         patch_size=8,
         cache_dir=str(cache),
         augment=False,
@@ -292,8 +298,7 @@ def test_datamodule_generates_in_prepare_data(tmp_path):
     gen = dict(n_patients=3, nodules_per_patient=2, scan_shape=(48, 48, 40), seed=2)
     dm = CTDataModule(
         root=str(tmp_path / "syn"),
-        generate_if_missing=True,
-        generator=gen,
+        source=SyntheticLuna16Reader(generator=gen),
         patch_size=16,
         cache_dir=str(tmp_path / "cache"),
         malignancy_rule={"indeterminate": "malignant"},
@@ -413,9 +418,8 @@ def test_lidc_voi_from_samples(samples_dir, tmp_path):
     csv = tmp_path / "labels_subset.csv"
     rows.to_csv(csv, index=False)
     dm = CTDataModule(
-        source="voi",
+        source=VOIReader(labels_csv=str(csv)),
         root=str(voi),
-        labels_csv=str(csv),
         channels=["image", "mask"],
         malignancy_rule={"column": "Diagnosis"},
         cache_dir=str(tmp_path / "cache"),
@@ -444,9 +448,8 @@ def test_lidc_voi_from_samples(samples_dir, tmp_path):
         assert abs(z_planes - z_extent) <= 2.5
 
     image_only = CTDataModule(
-        source="voi",
+        source=VOIReader(labels_csv=str(csv)),
         root=str(voi),
-        labels_csv=str(csv),
         cache_dir=str(tmp_path / "cache"),
         augment=False,
         val_fraction=0.0,
@@ -485,7 +488,7 @@ def test_nodulemnist3d_npz(tmp_path):
             assert float(item["label"]) == float(arrays[f"{split}_labels"][i, 0])
             assert math.isnan(item["diameter_mm"])
     big = CTDataModule(
-        source="nodulemnist3d", root=str(tmp_path), npz_file="nodulemnist3d.npz", augment=False
+        source=NoduleMNIST3DReader(npz_file="nodulemnist3d.npz"), root=str(tmp_path), augment=False
     )
     big.setup()
     x = big.datasets["val"][1]["image"]
@@ -511,6 +514,7 @@ def write_dicom_series(
     slope: float = 2.0,
     intercept: float = -1024.0,
     names: list[str] | None = None,
+    patient_id: str = "P-DCM",
 ) -> None:
     """One CT slice file per k of ``stored`` [rows, cols, k] (uint16), at z = positions[k]."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -526,7 +530,7 @@ def write_dicom_series(
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4", series_uid
-        ds.PatientID, ds.Modality, ds.InstanceNumber = "P-DCM", "CT", k + 1
+        ds.PatientID, ds.Modality, ds.InstanceNumber = patient_id, "CT", k + 1
         ds.Rows, ds.Columns = stored.shape[:2]
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
@@ -567,6 +571,59 @@ def test_dicom_series_sorted_by_position_and_rescaled(tmp_path):
     np.testing.assert_allclose(s2.array, expected_hu[:, :, order].transpose(1, 0, 2))
 
 
+def test_dicom_patient_id_keeps_two_series_of_one_patient_in_one_split(tmp_path, caplog):
+    """Issue 15 item 7: a DICOM series' patient is its PatientID (0010,0020), not the series UID."""
+    stored = dicom_volume()
+    root = tmp_path / "dicom_set"
+    centre = voxel_to_world([2, 2, 1], [-10.0, 5.0, 0.0], [0.6, 0.7, 2.0], np.eye(3))
+    patients = {"9.1": "PAT-A", "9.2": "PAT-A", "9.3": "PAT-B", "9.4": "PAT-C", "9.5": "PAT-D"}
+    for uid, pid in patients.items():
+        write_dicom_series(root / "scans" / uid, uid, stored, [0.0, 2.0, 4.0, 6.0], patient_id=pid)
+    rows = [dict(seriesuid=uid, coordX=centre[0], coordY=centre[1], coordZ=centre[2], diameter_mm=3.0,
+                 malignancy=5 if i % 2 else 1) for i, uid in enumerate(patients)]  # fmt: skip
+    write_annotations(root, rows)
+    reader = DicomReader(labels_csv=None, scans_dir="scans", missing_patient_ids="error")
+    for seed in range(4):
+        with caplog.at_level("WARNING"):
+            dm = CTDataModule(**dm_kwargs(root, tmp_path / "cache", source=reader, seed=seed,
+                                          val_fraction=0.25, test_fraction=0.25))  # fmt: skip
+            dm.setup()  # missing_patient_ids=error: every series has its patient
+        holding = [s for s, d in dm.datasets.items() if {"9.1", "9.2"} & {r.series_uid for r in d.records}]
+        assert len(holding) == 1, (seed, holding)
+        assert {r.patient_id for d in dm.datasets.values() for r in d.records} == set(patients.values())
+    assert "LEAKAGE RISK" not in caplog.text
+
+    # a series without PatientID falls back to its series UID, under the missing_patient_ids policy
+    write_dicom_series(root / "scans" / "9.6", "9.6", stored, [0.0, 2.0, 4.0, 6.0], patient_id="")
+    write_annotations(root, [*rows, {**rows[0], "seriesuid": "9.6"}])
+    with pytest.raises(DataError, match="1 of 6 nodules have no patient id"):
+        CTDataModule(**dm_kwargs(root, tmp_path / "cache", source=reader)).setup()
+
+
+def test_dicom_patient_id_from_real_samples(samples_dir, tmp_path):
+    """The two real CT slices of MEDENS_SAMPLES/dicom, each its own series: their PatientIDs are read."""
+    import shutil
+
+    import pydicom
+
+    from medens.data.ct.sources import ErrorPolicy
+
+    rows, want = [], {}
+    for name in ("pydicom_CT_small.dcm", "kcr2019d1_anon_apct.dcm"):
+        ds = pydicom.dcmread(samples_dir / "dicom" / name, stop_before_pixels=True)
+        folder = tmp_path / "scans" / name.removesuffix(".dcm")
+        folder.mkdir(parents=True)
+        shutil.copy(samples_dir / "dicom" / name, folder / name)  # a temporary copy, never into the project
+        pos, sp = [float(v) for v in ds.ImagePositionPatient], [float(v) for v in ds.PixelSpacing]
+        x, y = pos[0] + sp[1] * ds.Columns / 2, pos[1] + sp[0] * ds.Rows / 2
+        rows.append(dict(seriesuid=str(ds.SeriesInstanceUID), coordX=x, coordY=y, coordZ=pos[2], malignancy=5))
+        want[str(ds.SeriesInstanceUID)] = str(ds.PatientID)
+    write_annotations(tmp_path, rows)
+    records, excluded = DicomReader(labels_csv=None, scans_dir="scans").list_cases(tmp_path, ErrorPolicy("error"), False)
+    assert not excluded and {r.series_uid: r.patient_id for r in records} == want
+    assert set(want.values()) == {"1CT1", "1690377420"}
+
+
 def test_dicom_through_datamodule_and_mixed_series(tmp_path):
     stored = dicom_volume()
     root = tmp_path / "dicom_set"
@@ -584,7 +641,7 @@ def test_dicom_through_datamodule_and_mixed_series(tmp_path):
         }
     ]
     write_annotations(root, rows)
-    kw = dm_kwargs(root, tmp_path / "cache", source="dicom", scans_dir="scans", hu_window=[-1100, 1100])
+    kw = dm_kwargs(root, tmp_path / "cache", source=DicomReader(labels_csv=None, scans_dir="scans"), hu_window=[-1100, 1100])
     dm = CTDataModule(**kw)
     dm.setup()
     item = dm.datasets["train"][0]
@@ -779,7 +836,7 @@ def test_separate_labels_table_matched_by_position(tmp_path):
             },
         ]
     ).to_csv(tmp_path / "labels.csv", index=False)
-    dm = CTDataModule(**dm_kwargs(tmp_path, tmp_path / "cache", labels_csv="labels.csv"))
+    dm = CTDataModule(**dm_kwargs(tmp_path, tmp_path / "cache", source=Luna16Reader(labels_csv="labels.csv")))
     dm.setup()
     got = {
         r.case_id: (y, r.patient_id)
@@ -862,16 +919,53 @@ def test_setup_alone_regenerates_when_generator_params_change(tmp_path):
     gen = dict(n_patients=2, nodules_per_patient=2, scan_shape=(48, 48, 40), seed=2)
     kw = dict(
         root=str(tmp_path / "syn"),
-        generate_if_missing=True,
         patch_size=8,
         cache_dir=str(tmp_path / "c"),
         malignancy_rule={"indeterminate": "benign"},
         val_fraction=0.0,
         test_fraction=0.0,
     )
-    first = CTDataModule(generator=gen, **kw)
+    first = CTDataModule(source=SyntheticLuna16Reader(generator=gen), **kw)
     first.setup()
-    second = CTDataModule(generator={**gen, "n_patients": 3}, **kw)
+    second = CTDataModule(source=SyntheticLuna16Reader(generator={**gen, "n_patients": 3}), **kw)
     second.setup()  # no prepare_data call: setup still brings data and cache up to date
     assert len(second.split_patient_ids("train")) == 3 and len(first.split_patient_ids("train")) == 2
     assert second.cache_path != first.cache_path
+
+
+# ------------------------------------------------------------------------------------------ readers
+
+
+def test_reader_configs_round_trip_are_safe_and_old_flat_configs_upgrade(tmp_path):
+    from omegaconf import OmegaConf
+
+    from medens.checkpoint.safe_build import validate_safe_config
+    from medens.data.ct.readers import READERS, build_reader, upgrade_legacy_config
+    from medens.training.value_checks import check_values
+
+    for name, cls in READERS.items():
+        reader = build_reader(name)
+        assert type(reader) is cls and build_reader(reader.config()) == reader
+        validate_safe_config({"data": {"_target_": "medens.data.ct.CTDataModule", "source": reader.config()}})
+    with pytest.raises(ConfigError, match="short names are"):
+        build_reader("lidc")
+    with pytest.raises(ConfigError, match="not a CT reader class"):
+        build_reader({"_target_": "medens.data.ct.CTDataModule"})
+    with pytest.raises(ConfigError, match="value_checks_typo"):
+        build_reader({"_target_": "medens.data.ct.readers.VOIReader", "value_checks_typo": 1})
+    bad = OmegaConf.create({"data": {"source": {"_target_": "medens.data.ct.readers.Luna16Reader",
+                                                "label_match_mm": "near"}}})  # fmt: skip
+    with pytest.raises(ConfigError, match="data.source.label_match_mm"):
+        check_values(bad)
+
+    # a checkpoint written before readers: flat keys beside `source: <name>`
+    old = {"_target_": "medens.data.ct.CTDataModule", "source": "luna16", "root": str(tmp_path),
+           "annotations_csv": "a.csv", "labels_csv": None, "scans_dir": "scans", "image_dir": "image",
+           "mask_dir": "mask", "npz_file": None, "generate_if_missing": False, "generator": None,
+           "series_patient_table": None, "missing_patient_ids": "warn", "label_match_mm": 3.0}  # fmt: skip
+    new = upgrade_legacy_config(old)
+    assert new["source"] == {"_target_": "medens.data.ct.readers.Luna16Reader", "annotations_csv": "a.csv",
+                             "labels_csv": None, "scans_dir": "scans", "label_match_mm": 3.0,
+                             "missing_patient_ids": "warn"}  # fmt: skip
+    assert CTDataModule(**{k: v for k, v in new.items() if k != "_target_"}).reader.scans_dir == "scans"
+    assert upgrade_legacy_config(new) == new

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,6 @@ from medens.data.ct.geometry import (
 from medens.data.ct.labels import NoduleRecord
 from medens.data.ct.sources import ErrorPolicy
 from medens.errors import DataError
-from medens.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,6 @@ def file_lock(path: Path) -> Iterator[None]:
         yield
 
 
-hash_file = sha256_file  # label tables: small, and their content decides the records
 
 
 def fingerprint_tree(
@@ -186,8 +184,10 @@ def build_cache(
     cfg: PatchConfig,
     policy: ErrorPolicy,
     info: Mapping[str, Any],
+    read: Callable[[str], ct_io.Scan] = ct_io.read_scan,
 ) -> dict[str, Any]:
-    """Extract every record's patch (each scan read once) and write the cache atomically at ``path``."""
+    """Extract every record's patch (each scan read once, by the reader's ``read_case``) and write the
+    cache atomically at ``path``."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
@@ -202,7 +202,7 @@ def build_cache(
         for source_file, recs in groups.items():
             # one crop per record for pre-cropped sets; several nodules per scan for LUNA16/DICOM
             try:
-                scan = ct_io.read_scan(source_file)
+                scan = read(source_file)
             except DataError as exc:
                 policy.fail(str(exc), [r.case_id for r in recs], source_file)
                 continue

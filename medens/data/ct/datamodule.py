@@ -1,7 +1,9 @@
 """`CTDataModule`: nodule patches for benign/malignant classification from any CT source.
 
-``prepare_data`` (one process per node) generates the synthetic set when asked and builds the patch
-cache; ``setup`` only reads the cache, applies the malignancy rule, and splits by patient. Items are
+The source is a reader (:mod:`medens.data.ct.readers`: LUNA16, DICOM, pre-cropped VOIs, NoduleMNIST3D,
+synthetic) that lists the cases and reads their scans; this module only caches, splits and loads.
+``prepare_data`` (one process per node) lets the reader prepare its folder and builds the patch cache;
+``setup`` only reads the cache, applies the malignancy rule, and splits by patient. Items are
 ``{"image": [C,P,P,P] float32, "label": float32 scalar (1 malignant), "case_id", "patient_id",
 "diameter_mm"}``.
 """
@@ -9,7 +11,6 @@ cache; ``setup`` only reads the cache, applies the malignancy rule, and splits b
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,39 +21,26 @@ import torch
 from torch.utils.data import DataLoader
 
 from medens.data.ct import cache as ct_cache
-from medens.data.ct import sources
 from medens.data.ct.datasets import CTPatchDataset
 from medens.data.ct.geometry import hu_window
-from medens.data.ct.io import SCAN_SUFFIXES
 from medens.data.ct.labels import NoduleRecord, apply_rule, normalise_rule, resolve_label_column
-from medens.data.ct.patients import MISSING_PATIENT_POLICIES, assign_patients
-from medens.data.ct.synthetic import ensure_luna16_synthetic, synthetic_params
+from medens.data.ct.readers import CTReader, build_reader
+from medens.data.ct.readers import plain as _plain
+from medens.data.ct.sources import ErrorPolicy
 from medens.data.ct.transforms import CTAugment, normalise_augment
 from medens.data.loaders import make_loader
 from medens.data.splits import patient_kfold, patient_split
 from medens.errors import ConfigError, DataError
+from medens.utils.paths import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("luna16", "dicom", "voi", "nodulemnist3d")
 CHANNELS = ("image", "mask")
 SPLITS = ("train", "val", "test")
 
 
-def _plain(x: Any) -> Any:
-    """OmegaConf containers (or any mapping/sequence) -> plain dict/list, so Hydra configs work as-is."""
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
-        return [_plain(v) for v in x]
-    return x
-
-
 def _default_cache_dir() -> Path:
-    base = os.environ.get("MEDENS_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "medens"
-    )
-    return Path(base) / "ct"
+    return cache_root() / "ct"
 
 
 def _distributed() -> bool:
@@ -64,48 +52,31 @@ def _distributed() -> bool:
 
 
 class CTDataModule(L.LightningDataModule):
-    """CT nodule patches (LUNA16 / DICOM / pre-cropped VOI / NoduleMNIST3D) for Lightning.
+    """CT nodule patches for Lightning, from any reader (``source``) over the dataset folder ``root``.
 
-    Sources: ``luna16`` (scans ``<seriesuid>.mhd|.nii(.gz)`` anywhere under ``scans_dir``),
-    ``dicom`` (one folder per series under ``scans_dir``, matched by SeriesInstanceUID), both with
-    ``annotations_csv`` in world mm and a labels table (``labels_csv``, matched to annotations by
-    series and nearest position within ``label_match_mm``; ``None``: labels are columns of the
-    annotations); ``voi`` (pre-cropped NIfTI nodules in ``image_dir``/``mask_dir`` + ``labels_csv``,
-    each centred in the patch); ``nodulemnist3d`` (``root`` is the ``.npz``, or ``root/npz_file``;
-    its official split is kept, images scaled to [0, 1] and resized to ``patch_size``).
-
-    Paths are relative to ``root`` unless absolute. Patient IDs come from a ``patient_id`` column
-    when the label table has one, else the series UID. ``malignancy_rule`` = ``{column: auto,
-    malignant_min: 4, benign_max: 2, indeterminate: exclude|benign|malignant}``. With ``n_folds``,
-    ``test_fraction`` of patients is held out first and the rest split into folds (``val_fraction``
-    unused) and each fold's held-out patients are ``val``; with ``inner_val_fraction`` > 0 (and
-    ``test_fraction=0``) they are ``test`` instead and ``val`` is that fraction of the fold's training
-    patients, so early stopping and checkpoint selection never see the held-out fold (nested
-    cross-validation). LUNA16 annotations name series, not patients: ``series_patient_table`` (a CSV
-    with ``seriesuid`` and ``patient_id``, or the LIDC-IDRI metadata's ``Series UID``/``Subject ID``)
-    maps them; without it and without a ``patient_id`` column, ``missing_patient_ids`` refuses the split
-    (``error``) or warns that two series of one patient may land in different splits (``warn``).
-    ``generator`` holds the parameters of
-    :func:`~medens.data.ct.synthetic.generate_luna16_synthetic` used when ``generate_if_missing``.
-    ``cache_dir`` defaults to ``$MEDENS_CACHE/ct`` or ``~/.cache/medens/ct``.
+    ``source`` is a :class:`~medens.data.ct.readers.CTReader`, its ``{_target_: ...}`` config, or a short
+    name (``luna16``, ``dicom``, ``voi``, ``nodulemnist3d``, ``synthetic``) for a reader with defaults.
+    Patches: resampled to ``spacing_mm`` (isotropic), HU window scaled to [0, 1], ``patch_size``^3
+    centred on the nodule, padded with air (``pad_hu``); cached under ``cache_dir`` (default
+    ``<medens.utils.paths.cache_root()>/ct``) keyed by this preprocessing and the reader's
+    fingerprint of its input files. ``malignancy_rule`` = ``{column: auto, malignant_min: 4,
+    benign_max: 2, indeterminate: exclude|benign|malignant}``. With ``n_folds``, ``test_fraction`` of
+    patients is held out first and the rest split into folds (``val_fraction`` unused) and each fold's
+    held-out patients are ``val``; with ``inner_val_fraction`` > 0 (and ``test_fraction=0``) they are
+    ``test`` instead and ``val`` is that fraction of the fold's training patients, so early stopping and
+    checkpoint selection never see the held-out fold (nested cross-validation). A reader whose pixels
+    are ready-made in memory (NoduleMNIST3D) keeps its official split and is not cached.
     """
 
     def __init__(
         self,
-        source: str = "luna16",
+        source: CTReader | str | Mapping[str, Any] = "luna16",
         root: str = "data/ct_synthetic",
-        annotations_csv: str = "annotations.csv",
-        labels_csv: str | None = "labels.csv",
-        scans_dir: str = ".",
-        image_dir: str = "image",
-        mask_dir: str = "mask",
-        npz_file: str | None = None,
         patch_size: int = 64,
         spacing_mm: float = 1.0,
         hu_window: Sequence[float] = (-1000.0, 400.0),
         pad_hu: float = -1000.0,
         malignancy_rule: Mapping[str, Any] | None = None,
-        label_match_mm: float = 5.0,
         channels: Sequence[str] = ("image",),
         batch_size: int = 8,
         num_workers: int = 0,
@@ -119,18 +90,9 @@ class CTDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         augment: Mapping[str, Any] | bool | None = None,
         on_error: str = "error",
-        generate_if_missing: bool = False,
-        generator: Mapping[str, Any] | None = None,
-        series_patient_table: str | None = None,
-        missing_patient_ids: str = "warn",
     ) -> None:
         super().__init__()
-        if missing_patient_ids not in MISSING_PATIENT_POLICIES:
-            raise ConfigError(
-                f"missing_patient_ids must be one of {list(MISSING_PATIENT_POLICIES)}, got {missing_patient_ids!r}"
-            )
-        if source not in SOURCES:
-            raise ConfigError(f"source must be one of {SOURCES}, got {source!r}")
+        self.reader = build_reader(source)
         channels = tuple(_plain(channels))
         if (
             not channels
@@ -139,8 +101,8 @@ class CTDataModule(L.LightningDataModule):
             or len(set(channels)) != len(channels)
         ):
             raise ConfigError(f"channels must be [image] or [image, mask], got {list(channels)}")
-        if source == "nodulemnist3d" and "mask" in channels:
-            raise ConfigError("channels: NoduleMNIST3D has no nodule masks; use [image]")
+        if "mask" in channels and not self.reader.has_masks:
+            raise ConfigError(f"channels: source {self.reader.name} has no nodule masks; use [image]")
         window = tuple(float(v) for v in _plain(hu_window))
         if len(window) != 2 or not window[1] > window[0]:
             raise ConfigError(f"hu_window must be [low, high] with low < high, got {list(window)}")
@@ -149,9 +111,9 @@ class CTDataModule(L.LightningDataModule):
         if int(seed) < 0:
             raise ConfigError(f"seed must be >= 0, got {seed}")
         if n_folds is not None:
-            if source == "nodulemnist3d":
+            if self.reader.in_memory:
                 raise ConfigError(
-                    "n_folds: NoduleMNIST3D has no patient IDs; only its official split is used"
+                    f"n_folds: source {self.reader.name} has no patient IDs; only its official split is used"
                 )
             if int(n_folds) < 2 or not 0 <= int(fold) < int(n_folds):
                 raise ConfigError(
@@ -169,16 +131,8 @@ class CTDataModule(L.LightningDataModule):
                 )
         if on_error not in ("error", "skip"):
             raise ConfigError(f"on_error must be 'error' or 'skip', got {on_error!r}")
-        if generate_if_missing and source != "luna16":
-            raise ConfigError("generate_if_missing writes a LUNA16-format set: it needs source=luna16")
-        self.source = source
+        self.source = self.reader.name
         self.root = Path(root)
-        self.annotations_csv = annotations_csv
-        self.labels_csv = labels_csv
-        self.scans_dir = scans_dir
-        self.image_dir = image_dir
-        self.mask_dir = mask_dir
-        self.npz_file = npz_file
         self.patch_config = ct_cache.PatchConfig(
             patch_size=int(patch_size),
             spacing_mm=float(spacing_mm),
@@ -187,7 +141,6 @@ class CTDataModule(L.LightningDataModule):
             channels=channels,
         )
         self.rule = normalise_rule(_plain(malignancy_rule))
-        self.label_match_mm = float(label_match_mm)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
@@ -200,20 +153,13 @@ class CTDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else _default_cache_dir()
         self.augment_cfg = normalise_augment(_plain(augment))
         self.on_error = on_error
-        self.series_patient_table = series_patient_table
-        self.missing_patient_ids = missing_patient_ids
-        self.generate_if_missing = bool(generate_if_missing)
-        self.generator = dict(_plain(generator) or {})
-        if self.generate_if_missing:
-            try:
-                synthetic_params(**self.generator)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"generator: {exc}") from exc
         self.save_hyperparameters(logger=False)
         # Lightning stores these in every checkpoint, which medens loads with weights_only=True:
-        # Hydra's ListConfig/DictConfig would make the file unloadable, so keep plain containers.
+        # Hydra's ListConfig/DictConfig (or a reader object) would make the file unloadable, so keep
+        # plain containers; the reader is recorded as its `_target_` config.
         for key in list(self.hparams):
             self.hparams[key] = _plain(self.hparams[key])
+        self.hparams["source"] = _plain(self.reader.config())
 
         self.datasets: dict[str, CTPatchDataset] = {}
         self.skipped: list[dict[str, str]] = []  # bad inputs skipped under on_error=skip
@@ -257,7 +203,7 @@ class CTDataModule(L.LightningDataModule):
             "label_meaning": {"0": "benign", "1": "malignant"},
             "output": "probability of malignancy (sigmoid of one logit, or softmax[:, 1] of two)",
         }
-        if self.source == "nodulemnist3d":
+        if self.reader.in_memory:
             contract.update(spacing_mm=None, hu_window=None, pad_hu=None, value_range=[0.0, 1.0])
             contract["channel_meaning"] = ["NoduleMNIST3D uint8 image / 255, resized to patch_size"]
         else:
@@ -266,108 +212,51 @@ class CTDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------- cache key
 
-    def _npz_path(self) -> Path:
-        if self.npz_file:
-            p = sources.resolve(self.root, self.npz_file)
-            assert p is not None
-            return p
-        return self.root
-
     def cache_key(self) -> str:
-        """Hash of the preprocessing config and a fingerprint of the input files."""
+        """Hash of the preprocessing config and the reader's fingerprint of the input files."""
         root = self.root.resolve()
-        csvs = {}
-        for name in (
-            ("annotations_csv", "labels_csv") if self.source in ("luna16", "dicom") else ("labels_csv",)
-        ):
-            p = sources.resolve(root, getattr(self, name))
-            csvs[name] = [str(p), ct_cache.hash_file(p) if p is not None and p.is_file() else None]
-        if self.source == "voi":
-            trees = [sources.resolve(root, self.image_dir), sources.resolve(root, self.mask_dir)]
-        else:
-            trees = [sources.resolve(root, self.scans_dir)]
         payload = {
             "version": ct_cache.CACHE_VERSION,
-            "source": self.source,
+            "source": self.reader.name,
             "root": str(root),
-            "scans_dir": self.scans_dir,
-            "image_dir": self.image_dir,
-            "mask_dir": self.mask_dir,
-            "csvs": csvs,
-            "files": ct_cache.fingerprint_tree(
-                [t for t in trees if t is not None],
-                suffixes=(*SCAN_SUFFIXES, ".raw", ".zraw") if self.source in ("luna16", "voi") else None,
-                exclude=[self.cache_dir],
-            ),
+            **self.reader.fingerprint(root, exclude=[self.cache_dir]),
             "patch": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.patch_config).items()},
             "on_error": self.on_error,
-            "label_match_mm": self.label_match_mm,
         }
         return ct_cache.cache_key(payload)
 
     # ----------------------------------------------------------------------------------- lightning
 
     def prepare_data(self) -> None:
-        """Generate the synthetic set if asked, then build the patch cache (once, under a lock)."""
-        if self.generate_if_missing:
-            ensure_luna16_synthetic(self.root, **self.generator)
+        """Let the reader prepare its folder (the synthetic one generates), then build the patch cache
+        (once, under a lock)."""
+        self.reader.prepare(self.root)
         self._prepared = True
-        if self.source == "nodulemnist3d":
-            sources.load_nodulemnist3d(self._npz_path())  # validate early, on one process
+        if self.reader.in_memory:
+            self.reader.list_cases(self.root, ErrorPolicy(self.on_error), False)  # validate early, on one process
             return
         key = self.cache_key()
-        path = ct_cache.cache_path_for(self.cache_dir, self.source, key)
+        path = ct_cache.cache_path_for(self.cache_dir, self.reader.name, key)
         with ct_cache.file_lock(self.cache_dir / f".{path.name}.lock"):
             if ct_cache.load_manifest(path) is not None:
                 return
-            policy = sources.ErrorPolicy(self.on_error)
-            records, excluded = self._index(policy)
-            ct_cache.build_cache(
-                path,
-                records,
-                self.patch_config,
-                policy,
-                info={
-                    "source": self.source,
-                    "root": str(self.root.resolve()),
-                    "key": key,
-                    "excluded": excluded,
-                },
-            )
-
-    def _index(self, policy: sources.ErrorPolicy) -> tuple[list[NoduleRecord], list[dict[str, str]]]:
-        if self.source in ("luna16", "dicom"):
-            return sources.index_annotated_scans(
-                self.root,
-                self.annotations_csv,
-                self.labels_csv,
-                self.scans_dir,
-                self.source,
-                self.label_match_mm,
-                policy,
-            )
-        if self.labels_csv is None:
-            raise ConfigError("source=voi needs labels_csv")
-        return sources.index_voi(
-            self.root,
-            self.labels_csv,
-            self.image_dir,
-            self.mask_dir,
-            "mask" in self.patch_config.channels,
-            policy,
-        )
+            policy = ErrorPolicy(self.on_error)
+            records, excluded = self.reader.list_cases(self.root, policy, "mask" in self.patch_config.channels)
+            info = {"source": self.reader.name, "root": str(self.root.resolve()), "key": key, "excluded": excluded}
+            ct_cache.build_cache(path, records, self.patch_config, policy, info=info, read=self.reader.read_case)
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the cache (or the .npz), apply the malignancy rule and split by patient. Idempotent."""
+        """Read the cache (or the in-memory patches), apply the malignancy rule and split by patient.
+        Idempotent."""
         if self.datasets:
             return
-        if self.source == "nodulemnist3d":
-            self._setup_nodulemnist()
+        if self.reader.in_memory:
+            self._setup_in_memory()
             return
         if not self._prepared and not _distributed():
             self.prepare_data()  # single process used outside a Trainer (cheap when up to date)
         key = self.cache_key()
-        path = ct_cache.cache_path_for(self.cache_dir, self.source, key)
+        path = ct_cache.cache_path_for(self.cache_dir, self.reader.name, key)
         manifest = ct_cache.load_manifest(path)
         if manifest is None:
             raise DataError(f"{path}: no CT patch cache; prepare_data must run (on rank 0) before setup")
@@ -378,8 +267,7 @@ class CTDataModule(L.LightningDataModule):
             NoduleRecord.from_json({k: v for k, v in it.items() if k != "row"}) for it in manifest["items"]
         ]
         rows = [int(it["row"]) for it in manifest["items"]]
-        records = assign_patients(records, self.source, self.root, self.series_patient_table,
-                                  self.missing_patient_ids)  # fmt: skip
+        records = self.reader.assign_patients(records, self.root)
         labels, keep = self._labels(records)
         records = [records[i] for i in keep]
         rows = [rows[i] for i in keep]
@@ -406,7 +294,7 @@ class CTDataModule(L.LightningDataModule):
         if not records:
             return [], []
         columns = set().union(*(r.label_fields for r in records))
-        where = str(sources.resolve(self.root, self.labels_csv or self.annotations_csv))
+        where = self.reader.label_file(self.root)
         col, kind = resolve_label_column(columns, self.rule, where)
         labels, keep = [], []
         for i, r in enumerate(records):
@@ -453,9 +341,10 @@ class CTDataModule(L.LightningDataModule):
             "test": first["test"],
         }
 
-    def _setup_nodulemnist(self) -> None:
-        data = sources.load_nodulemnist3d(self._npz_path())
-        records = sources.nodulemnist_records(data)
+    def _setup_in_memory(self) -> None:
+        """NoduleMNIST3D: the official split of ready-made uint8 patches, scaled to [0, 1] and resized."""
+        data = self.reader.load(self.root)  # type: ignore[attr-defined]
+        records = self.reader.records(data)  # type: ignore[attr-defined]
         train_tf = CTAugment(n_image_channels=1, pad_value=0.0, **self.augment_cfg)
         for split in SPLITS:
             images, labels = data[split]

@@ -53,6 +53,13 @@ class CTPatchDataset(Dataset):
             state["_array"] = None  # re-opened as a memmap in the worker, never pickled whole
         return state
 
+    def set_random_state(self, seed: int) -> None:
+        """Seed the augmentation's own RNGs (MONAI ``Randomizable``) with an item's seed; medens' loaders
+        call this per item, so augmentation follows (seed, epoch, index) only."""
+        reseed = getattr(self.transform, "set_random_state", None)
+        if callable(reseed):
+            reseed(seed)
+
     def _data(self) -> np.ndarray:
         if self._array is None:
             self._array = np.load(self._source, mmap_mode="r")

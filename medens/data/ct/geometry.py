@@ -1,7 +1,8 @@
 """World/voxel geometry, resampling, nodule-centred patches and the HU window.
 
 Patches are sampled straight from the scan on a world-aligned grid (axes = LPS x, y, z) at the
-requested isotropic spacing, so resampling and cropping are one interpolation, the nodule centre
+requested isotropic spacing, so resampling and cropping are one interpolation (kept home-made: MONAI's
+``Spacingd`` + ``SpatialCropd`` would resample the whole scan and interpolate twice), the nodule centre
 lands exactly on voxel ``P // 2`` of every axis, and whatever falls outside the scan is air
 (``pad_value``), never wrapped from the other side nor cropped short.
 """
@@ -56,11 +57,13 @@ def inside_volume(index: Sequence[float] | np.ndarray, shape: Sequence[int]) -> 
 
 
 def hu_window(hu: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Clip HU to [low, high] and scale linearly to [0, 1] (float32)."""
+    """Clip HU to [low, high] and scale linearly to [0, 1] (float32): MONAI's ``ScaleIntensityRange``."""
     if not high > low:
         raise ValueError(f"HU window needs low < high, got [{low}, {high}]")
-    out = (np.asarray(hu, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
-    return np.clip(out, 0.0, 1.0, out=out)
+    from monai.transforms import ScaleIntensityRange
+
+    window = ScaleIntensityRange(a_min=float(low), a_max=float(high), b_min=0.0, b_max=1.0, clip=True)
+    return np.asarray(window(np.asarray(hu, dtype=np.float32)), dtype=np.float32)
 
 
 def sample_patch(

@@ -201,14 +201,28 @@ def _read_dicom_headers(folder: Path, with_pixels: bool) -> list[tuple[Path, obj
 
 def dicom_series_uids(folder: str | os.PathLike) -> dict[str, list[Path]]:
     """The series UIDs in a folder, each with its files (headers only, for indexing)."""
+    return {uid: files for uid, (files, _) in dicom_series_patients(folder).items()}
+
+
+def dicom_series_patients(folder: str | os.PathLike) -> dict[str, tuple[list[Path], str | None]]:
+    """Per series UID in a folder: its files and the DICOM PatientID (0010,0020), None where empty.
+
+    A series whose slices name two patients is refused: its patient-level split would be a guess.
+    """
     folder = Path(folder)
-    uids: dict[str, list[Path]] = {}
+    files: dict[str, list[Path]] = {}
+    patients: dict[str, set[str]] = {}
     for p, ds in _read_dicom_headers(folder, with_pixels=False):
         uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
         if not uid:
             raise DataError(f"{p}: DICOM file has no SeriesInstanceUID")
-        uids.setdefault(uid, []).append(p)
-    return uids
+        files.setdefault(uid, []).append(p)
+        pid = str(getattr(ds, "PatientID", "") or "").strip()
+        patients.setdefault(uid, set()).update([pid] if pid else [])
+    for uid, pids in patients.items():
+        if len(pids) > 1:
+            raise DataError(f"{folder}: series {uid} names several PatientIDs {sorted(pids)}")
+    return {uid: (fs, next(iter(patients[uid]), None)) for uid, fs in files.items()}
 
 
 def _floats(ds, tag: str, n: int, path: Path) -> np.ndarray:  # noqa: ANN001

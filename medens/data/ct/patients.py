@@ -46,16 +46,16 @@ def read_series_patient_table(path: Path) -> dict[str, str]:
 
 
 def assign_patients(
-    records: list[NoduleRecord], source: str, root: Path, table: str | None, missing: str = "error"
+    records: list[NoduleRecord], root: Path, table: str | None, missing: str = "error"
 ) -> list[NoduleRecord]:
-    """Records with patient ids from ``table`` (LUNA16/DICOM sources); without a table and without a
-    patient_id column, refuse (``missing='error'``) or warn loudly (``'warn'``)."""
-    if source not in ("luna16", "dicom") or not records:
+    """Records with patient ids from ``table`` (sources whose annotations name series); without a table
+    and without a patient_id column or DICOM PatientID, refuse (``missing='error'``) or warn (``'warn'``)."""
+    if not records:
         return records
     if table:
         path = Path(table) if Path(table).is_absolute() else Path(root) / table
         if not path.is_file():
-            raise DataError(f"{path}: series-to-patient table not found (data.series_patient_table)")
+            raise DataError(f"{path}: series-to-patient table not found (data.source.series_patient_table)")
         mapping = read_series_patient_table(path)
         unknown = sorted({r.series_uid for r in records if r.series_uid not in mapping})
         if unknown:
@@ -70,8 +70,8 @@ def assign_patients(
     msg = (
         f"{root}: {len(by_series)} of {len(records)} nodules have no patient id (the annotations name series "
         "only), so each series counts as its own patient and two series of one patient can land in different "
-        "splits (leakage). Give data.series_patient_table=<csv with seriesuid,patient_id> (e.g. from the "
-        "LIDC-IDRI metadata), a patient_id column in the labels table, or data.missing_patient_ids=warn"
+        "splits (leakage). Give data.source.series_patient_table=<csv with seriesuid,patient_id> (e.g. from the "
+        "LIDC-IDRI metadata), a patient_id column in the labels table, or data.source.missing_patient_ids=warn"
     )
     if missing == "error":
         raise DataError(msg)

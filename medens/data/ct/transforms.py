@@ -1,10 +1,11 @@
-"""Training augmentation on cached CT patches (flips, 90-degree rotations, small affine, intensity).
+"""Training augmentation on cached CT patches: a MONAI dictionary-transform chain built from ``augment``.
 
-Every random draw comes from torch's global RNG. medens' loaders (`medens.data.loaders.make_loader`)
-seed that RNG per item from (seed, epoch, index), so augmentation is reproducible with any number of
-workers and after resuming. (MONAI's Rand* transforms keep their own NumPy RandomState per
-transform; the few operations needed are written here in torch, which also keeps MONAI's import
-out of every DataLoader worker.)
+Flips (``RandFlipd`` per axis), 90-degree rotations in a random plane (``OneOf`` three ``RandRotate90d``),
+a small affine (``RandAffined``: rotation, zoom, translation; the mask moves with nearest sampling) and
+intensity changes on the image only (``RandScaleIntensityd``, ``RandShiftIntensityd``,
+``RandGaussianNoised``). MONAI's Rand* transforms keep their own NumPy RandomState: medens' loaders call
+``set_random_state(seed)`` with each item's seed from (seed, epoch, index) (`medens.utils.seeding.SeededItems`),
+so augmentation is reproducible with any number of workers and after resuming.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from medens.errors import ConfigError
 
@@ -51,82 +51,67 @@ def normalise_augment(cfg: Mapping[str, Any] | bool | None) -> dict[str, Any]:
     return out
 
 
-def _rotation(rx: float, ry: float, rz: float) -> torch.Tensor:
-    cx, sx, cy, sy, cz, sz = (
-        math.cos(rx),
-        math.sin(rx),
-        math.cos(ry),
-        math.sin(ry),
-        math.cos(rz),
-        math.sin(rz),
-    )
-    mx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float32)
-    my = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float32)
-    mz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float32)
-    return mz @ my @ mx
-
-
-def _uniform(low: float, high: float) -> float:
-    return float(torch.empty(()).uniform_(low, high))
-
-
 class CTAugment:
-    """Callable on a patch tensor [C, P, P, P]; channels >= ``n_image_channels`` are masks
-    (moved by the spatial transforms with nearest sampling, never intensity-changed)."""
+    """Callable on a patch tensor [C, P, P, P]; channels >= ``n_image_channels`` are masks (moved by the
+    spatial transforms with nearest sampling, never intensity-changed). ``pad_value`` (windowed air) is
+    what the affine fills in: MONAI pads with zeros, so the image is shifted by it around ``RandAffined``."""
 
     def __init__(self, n_image_channels: int = 1, pad_value: float = 0.0, **cfg: Any) -> None:
         self.cfg = normalise_augment(cfg)
         self.n_image = n_image_channels
         self.pad_value = float(pad_value)
+        self.chain = build_chain(self.cfg, self.pad_value) if self.cfg["enabled"] else None
+
+    def set_random_state(self, seed: int) -> None:
+        """Seed every random transform of the chain (called per item by medens' loaders)."""
+        if self.chain is not None:
+            self.chain.set_random_state(seed=int(seed) % (2**32))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        if not c["enabled"]:
+        if self.chain is None:
             return x
-        if c["flip"]:
-            for axis in (1, 2, 3):
-                if torch.rand(()) < 0.5:
-                    x = torch.flip(x, dims=(axis,))
-        if c["rot90"]:
-            k = int(torch.randint(0, 4, ()))
-            plane = [(1, 2), (1, 3), (2, 3)][int(torch.randint(0, 3, ()))]
-            if k:
-                x = torch.rot90(x, k, dims=plane)
-        if c["affine"] and torch.rand(()) < c["prob"]:
-            x = self._affine(x)
-        if c["intensity"] and torch.rand(()) < c["prob"]:
-            img = x[: self.n_image]
-            img = img * (1.0 + _uniform(-c["intensity_scale"], c["intensity_scale"]))
-            img = img + _uniform(-c["intensity_shift"], c["intensity_shift"])
-            if c["noise_std"] > 0:
-                img = img + torch.randn_like(img) * float(c["noise_std"])
-            x = torch.cat([img, x[self.n_image :]], dim=0)
-        return x.contiguous()
-
-    def _affine(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        deg = math.radians(float(c["rotate_deg"]))
-        rot = _rotation(_uniform(-deg, deg), _uniform(-deg, deg), _uniform(-deg, deg))
-        zoom = _uniform(1.0 - c["scale"], 1.0 + c["scale"])
-        size = x.shape[-1]
-        shift = torch.tensor([_uniform(-c["translate_vox"], c["translate_vox"]) for _ in range(3)])
-        theta = torch.zeros(1, 3, 4)
-        theta[0, :, :3] = rot / zoom
-        theta[0, :, 3] = shift * 2.0 / size  # normalised grid units
-        grid = F.affine_grid(theta, [1, 1, *x.shape[1:]], align_corners=False)
-        img = (
-            F.grid_sample(
-                (x[None, : self.n_image] - self.pad_value),
-                grid,
-                mode="bilinear",
-                padding_mode="zeros",
-                align_corners=False,
-            )[0]
-            + self.pad_value
-        )
+        item = {"image": x[: self.n_image]}
         if x.shape[0] > self.n_image:
-            mask = F.grid_sample(
-                x[None, self.n_image :], grid, mode="nearest", padding_mode="zeros", align_corners=False
-            )[0]
-            img = torch.cat([img, mask], dim=0)
-        return img
+            item["mask"] = x[self.n_image :]
+        out = self.chain(item)
+        parts = [out["image"], *([out["mask"]] if "mask" in out else [])]
+        return torch.cat([torch.as_tensor(p).as_subclass(torch.Tensor).float() for p in parts], dim=0).contiguous()
+
+
+def build_chain(c: Mapping[str, Any], pad_value: float = 0.0) -> Any:
+    """The MONAI ``Compose`` that ``augment`` describes (keys ``image`` and, when present, ``mask``)."""
+    from monai.transforms import (
+        Compose,
+        OneOf,
+        RandAffined,
+        RandFlipd,
+        RandGaussianNoised,
+        RandRotate90d,
+        RandScaleIntensityd,
+        RandShiftIntensityd,
+        ShiftIntensityd,
+    )
+
+    keys, prob = ["image", "mask"], float(c["prob"])
+    chain: list[Any] = []
+    if c["flip"]:
+        chain += [RandFlipd(keys, prob=0.5, spatial_axis=axis, allow_missing_keys=True) for axis in (0, 1, 2)]
+    if c["rot90"]:  # k in {0, 1, 2, 3} uniformly, in one of the three planes
+        planes = [(0, 1), (0, 2), (1, 2)]
+        chain.append(OneOf([RandRotate90d(keys, prob=0.75, max_k=3, spatial_axes=p, allow_missing_keys=True)
+                            for p in planes]))  # fmt: skip
+    if c["affine"]:
+        deg = math.radians(float(c["rotate_deg"]))
+        affine = RandAffined(keys, prob=prob, rotate_range=(deg,) * 3, scale_range=(float(c["scale"]),) * 3,
+                             translate_range=(float(c["translate_vox"]),) * 3, mode=("bilinear", "nearest"),
+                             padding_mode="zeros", allow_missing_keys=True)  # fmt: skip
+        if pad_value:
+            chain += [ShiftIntensityd("image", offset=-pad_value), affine, ShiftIntensityd("image", offset=pad_value)]
+        else:
+            chain.append(affine)
+    if c["intensity"]:
+        chain += [RandScaleIntensityd("image", factors=float(c["intensity_scale"]), prob=prob),
+                  RandShiftIntensityd("image", offsets=float(c["intensity_shift"]), prob=prob)]  # fmt: skip
+        if float(c["noise_std"]) > 0:
+            chain.append(RandGaussianNoised("image", prob=prob, std=float(c["noise_std"]), sample_std=False))
+    return Compose(chain)

@@ -1,4 +1,4 @@
-"""MRI (BraTS) data: case discovery and presets, transforms, the DataModule and a synthetic generator."""
+"""MRI (BraTS) data: presets, one reader per naming scheme, MONAI transforms, the DataModule, a synthetic set."""
 
 from .brats import (
     CANONICAL_MODALITIES,
@@ -15,6 +15,16 @@ from .brats import (
     resolve_label_map,
 )
 from .datamodule import BraTSDataModule
+from .readers import (
+    READERS,
+    BraTS2015MhaReader,
+    BraTS2015Reader,
+    BraTS2021Reader,
+    BraTS2023Reader,
+    BraTSReader,
+    SyntheticBraTSReader,
+    build_reader,
+)
 from .synthetic import generate_brats_synthetic
 from .transforms import inverse_label_map, uncrop, write_prediction_nifti
 
@@ -25,9 +35,17 @@ __all__ = [
     "MODALITY_ALIASES",
     "NAMING_PRESETS",
     "NUM_CLASSES",
+    "READERS",
     "REGIONS",
+    "BraTS2015MhaReader",
+    "BraTS2015Reader",
+    "BraTS2021Reader",
+    "BraTS2023Reader",
     "BraTSCase",
     "BraTSDataModule",
+    "BraTSReader",
+    "SyntheticBraTSReader",
+    "build_reader",
     "discover_cases",
     "generate_brats_synthetic",
     "inverse_label_map",

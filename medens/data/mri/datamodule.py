@@ -1,7 +1,7 @@
 """Lightning DataModule over BraTS-format case folders (real releases or the synthetic set).
 
 Life cycle:
-- ``prepare_data`` (one process per node): writes the synthetic set when asked, and with
+- ``prepare_data`` (one process per node): the reader writes the synthetic set when asked, and with
   ``cache='disk'`` decodes every case once into ``cache_dir`` (errors recorded beside the cache).
 - ``setup`` (every process, idempotent, reads only): discovers cases, checks headers, splits by
   patient, and decodes/verifies cases (``cache='memory'`` keeps them; ``'none'`` only checks them
@@ -20,9 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +34,10 @@ from torch.utils.data import DataLoader, Dataset
 from medens.data.loaders import make_loader
 from medens.data.splits import patient_split
 from medens.errors import ConfigError, DataError
+from medens.utils.paths import cache_root
 
-from .brats import (
-    CANONICAL_MODALITIES,
-    LABEL_NAMES,
-    NUM_CLASSES,
-    REGIONS,
-    BraTSCase,
-    discover_cases,
-    patient_id_from_case,
-    resolve_label_map,
-    resolve_modalities,
-    resolve_patterns,
-)
-from .synthetic import ensure_synthetic, synthetic_params
+from .brats import CANONICAL_MODALITIES, LABEL_NAMES, NUM_CLASSES, REGIONS, BraTSCase, resolve_modalities
+from .readers import LEGACY_KEYS, BraTSReader, build_reader, legacy_reader, to_plain
 from .transforms import (
     build_decode_transform,
     build_eval_transform,
@@ -61,7 +49,7 @@ log = logging.getLogger(__name__)
 
 CACHE_MODES = ("none", "memory", "disk")
 SPLITS = ("train", "val", "test", "predict", "all")
-_CACHE_FORMAT = 1  # bump when the decode chain changes meaning
+_CACHE_FORMAT = 2  # bump when the decode chain changes meaning (2: MONAI NormalizeIntensityd/CropForegroundd)
 
 
 def _data_error(exc: BaseException) -> DataError | None:
@@ -118,15 +106,6 @@ class _FlaggedItems(Dataset):
         return {**self.dataset[self.indices[i]], "is_padding": self.padding[i]}
 
 
-def _plain(value: Any) -> Any:
-    """OmegaConf containers (Hydra passes them when _convert_ is not 'all') -> plain python."""
-    if isinstance(value, Mapping):
-        return {str(k) if not isinstance(k, int) else k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
-        return [_plain(v) for v in value]
-    return value
-
-
 class BraTSDataModule(L.LightningDataModule):
     """BraTS segmentation data: items ``image`` [C,H,W,D] float32, ``label`` [1,H,W,D] int64 (0..3).
 
@@ -138,16 +117,17 @@ class BraTSDataModule(L.LightningDataModule):
 
     Cases without ground truth are accepted with ``require_label=False``; they appear only in the
     ``predict`` split. ``on_error='skip'`` drops bad cases and counts them in ``skipped_cases``.
+
+    ``source`` is the reader of the release's naming scheme and label codes (`medens.data.mri.readers`:
+    a reader, a short name or a ``{_target_: ...}`` config); the flat keys of older configs and
+    checkpoints (``naming``, ``label_preset``, ``synthetic``, ...) are accepted in its place.
     """
 
     def __init__(
         self,
         root: str = "data/brats_synthetic",
-        naming: str = "auto",
+        source: BraTSReader | str | Mapping[str, Any] | None = None,
         modalities: Sequence[str] = CANONICAL_MODALITIES,
-        file_patterns: Mapping[str, str] | None = None,
-        label_preset: str | None = "brats2021",
-        label_map: Mapping[int | str, int] | None = None,
         patch_size: Sequence[int] = (128, 128, 128),
         pos_neg_ratio: float = 1.0,
         samples_per_volume: int = 2,
@@ -166,23 +146,33 @@ class BraTSDataModule(L.LightningDataModule):
         verify: bool = True,
         crop_foreground: bool = True,
         crop_margin: int = 0,
-        patient_id_pattern: str | None = None,
-        generate_if_missing: bool = False,
-        synthetic: Mapping[str, Any] | None = None,
+        **legacy: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        if unknown := sorted(set(legacy) - set(LEGACY_KEYS)):
+            import difflib
+            import inspect
+
+            params = [*inspect.signature(BraTSDataModule).parameters][:-1]
+            close = difflib.get_close_matches(unknown[0], [*params, *LEGACY_KEYS], n=1)
+            raise ConfigError(f"unknown config key 'data.{unknown[0]}': BraTSDataModule takes {params} "
+                              f"(and data.source).{f' Did you mean {close[0]!r}?' if close else ''}")  # fmt: skip
+        if source is not None and legacy:
+            raise ConfigError(
+                f"data.source is given: {sorted(legacy)} belong under data.source, not beside it"
+            )
+        self.reader = build_reader(source) if source is not None else legacy_reader(legacy)
+        self.save_hyperparameters(logger=False, ignore=["source", *legacy])
         # Hydra passes OmegaConf containers; the checkpoint stores these hyperparameters and must hold
         # plain python only (medens loads checkpoints with weights_only=True)
         for key in list(self.hparams):
-            self.hparams[key] = _plain(self.hparams[key])
+            self.hparams[key] = to_plain(self.hparams[key])
+        self.hparams["source"] = self.reader.config()
         self.root = Path(str(root)).expanduser()
-        self.naming = str(naming)
-        self._modalities = resolve_modalities(_plain(modalities))
-        self.file_patterns = _plain(file_patterns) if file_patterns else None
-        resolve_patterns(self.naming, self._modalities, self.file_patterns)  # fail fast on config typos
-        self.label_map = resolve_label_map(label_preset, _plain(label_map) if label_map is not None else None)
-        self.patch_size = [int(p) for p in _plain(patch_size)]
+        self._modalities = resolve_modalities(to_plain(modalities))
+        self.reader.check(self._modalities)  # fail fast on config typos
+        self.label_map = self.reader.codes
+        self.patch_size = [int(p) for p in to_plain(patch_size)]
         self.pos_neg_ratio = float(pos_neg_ratio)
         self.samples_per_volume = int(samples_per_volume)
         self.batch_size = int(batch_size)
@@ -195,9 +185,8 @@ class BraTSDataModule(L.LightningDataModule):
         if cache not in CACHE_MODES:
             raise ConfigError(f"cache: '{cache}' is not one of {list(CACHE_MODES)}")
         self.cache = cache
-        default_cache = Path(os.environ.get("MEDENS_CACHE_DIR", Path.home() / ".cache" / "medens")) / "mri"
-        self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else default_cache
-        self.augment = resolve_augment(_plain(augment) if augment else None)
+        self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else cache_root() / "mri"
+        self.augment = resolve_augment(to_plain(augment) if augment else None)
         if on_error not in ("error", "skip"):
             raise ConfigError(f"on_error: '{on_error}' is not one of ['error', 'skip']")
         self.on_error = on_error
@@ -205,12 +194,6 @@ class BraTSDataModule(L.LightningDataModule):
         self.verify = bool(verify)
         self.crop_foreground = bool(crop_foreground)
         self.crop_margin = int(crop_margin)
-        self.patient_id_pattern = patient_id_pattern
-        self.generate_if_missing = bool(generate_if_missing)
-        try:
-            self.synthetic = synthetic_params(**(_plain(synthetic) or {}))
-        except TypeError as e:
-            raise ConfigError(f"synthetic: {e}; known keys: n_cases, shape, seed, spacing, naming") from None
         # fail fast on bad patch / ratio values
         build_train_transform(self.patch_size, self.pos_neg_ratio, self.samples_per_volume, self.augment)
 
@@ -267,12 +250,13 @@ class BraTSDataModule(L.LightningDataModule):
             "resampling": None,
             "patch_size": list(self.patch_size),
             "preprocessing": {
-                "normalize": "per-channel z-score over brain voxels; background 0",
+                "normalize": "per-channel z-score over non-zero (brain) voxels (NormalizeIntensityd); background 0",
                 "brain": brain,
                 "crop_foreground": self.crop_foreground,
                 "crop_margin": self.crop_margin,
             },
-            "naming": self.naming,
+            "naming": self.reader.naming,
+            "reader": self.hparams["source"]["_target_"],
             "output": "logits [classes, H, W, D] over label_names (argmax for the label map)",
         }
 
@@ -292,16 +276,18 @@ class BraTSDataModule(L.LightningDataModule):
 
     def split_patient_ids(self, split: str) -> set[str]:
         """Patients of a split (follow-up cases of one patient share it)."""
-        return {patient_id_from_case(c, self.patient_id_pattern) for c in self.split_case_ids(split)}
+        return {self.reader.patient_id(c) for c in self.split_case_ids(split)}
+
+    @property
+    def patient_id_pattern(self) -> str | None:
+        """The reader's patient-id regex (None: built-in BraTS rules)."""
+        return self.reader.patient_id_pattern
 
     # ------------------------------------------------------------------ lifecycle
     def prepare_data(self) -> None:
         """Rank-0 work that writes files: synthetic generation and the disk cache."""
-        if self.generate_if_missing:
-            if ensure_synthetic(
-                self.root, **{k: self.synthetic[k] for k in ("n_cases", "shape", "seed", "spacing", "naming")}
-            ):
-                log.info("wrote synthetic BraTS set to %s (%s)", self.root, self.synthetic)
+        if self.reader.prepare(self.root):
+            log.info("wrote synthetic BraTS set to %s (%s)", self.root, self.reader.config())
         if self.cache == "disk":
             from medens.utils.locking import owned_lock
 
@@ -311,17 +297,25 @@ class BraTSDataModule(L.LightningDataModule):
     def _fill_disk_cache(self) -> None:
         """Decode every case not yet in the disk cache (each file written atomically), recording failures."""
         cases, _ = self._discover()
-        ds = self._persistent(cases)
+        keys = {c.case_id: self._cache_key(c) for c in cases}
+        todo = [c for c in cases if not self._error_file(keys[c.case_id]).is_file() and not self._on_disk(c)]
+        ds = self._persistent(todo)
+        for cid, message in self._decode_each(todo, lambda i, _: ds[i]).items():
+            self._write_error(keys[cid], message)
+
+    def _decode_each(
+        self, cases: Sequence[BraTSCase], decode: Callable[[int, BraTSCase], Any]
+    ) -> dict[str, str]:
+        """``decode(i, case)`` for every case; {case id: message} of the bad ones (MONAI wraps a DataError)."""
+        bad = {}
         for i, case in enumerate(cases):
-            key = self._cache_key(case)
-            if (self.cache_dir / f"{key}.pt").is_file() or self._error_file(key).is_file():
-                continue
             try:
-                ds[i]
+                decode(i, case)
             except Exception as e:
                 if (err := _data_error(e)) is None:
                     raise
-                self._write_error(key, str(err))
+                bad[case.case_id] = str(err)
+        return bad
 
     def setup(self, stage: str | None = None) -> None:
         """Discover, validate and split (once); later calls are no-ops."""
@@ -329,39 +323,23 @@ class BraTSDataModule(L.LightningDataModule):
             return
         cases, errors = self._discover()
         bad: dict[str, str] = {cid: str(e) for cid, e in errors.items()}
+
+        def keep(_: int, case: BraTSCase) -> None:
+            self._decoded[case.case_id] = self._decode(self._case_dict(case))
+
         if self.cache == "memory":
-            for case in cases:
-                try:
-                    self._decoded[case.case_id] = self._decode(self._case_dict(case))
-                except Exception as e:
-                    if (err := _data_error(e)) is None:
-                        raise
-                    bad[case.case_id] = str(err)
+            bad.update(self._decode_each(cases, keep))
         elif self.cache == "disk":
             pending = []
             for case in cases:
-                err = self._error_file(self._cache_key(case))
-                if err.is_file():
+                if (err := self._error_file(self._cache_key(case))).is_file():
                     bad[case.case_id] = json.loads(err.read_text())["error"]
-                elif not (self.cache_dir / f"{self._cache_key(case)}.pt").is_file():
+                elif not self._on_disk(case):
                     pending.append(case)
-            if pending:  # prepare_data was not run (plain use outside a Trainer): fill the cache here
-                ds = self._persistent(pending)
-                for i, case in enumerate(pending):
-                    try:
-                        ds[i]
-                    except Exception as e:
-                        if (err := _data_error(e)) is None:
-                            raise
-                        bad[case.case_id] = str(err)
+            ds = self._persistent(pending)  # prepare_data was not run (plain use outside a Trainer)
+            bad.update(self._decode_each(pending, lambda i, _: ds[i]))
         elif self.verify:
-            for case in cases:
-                try:
-                    self._decode(self._case_dict(case))
-                except Exception as e:
-                    if (err := _data_error(e)) is None:
-                        raise
-                    bad[case.case_id] = str(err)
+            bad.update(self._decode_each(cases, lambda _, c: self._decode(self._case_dict(c))))
         if bad and self.on_error == "error":
             lines = "\n  ".join(bad[c] for c in sorted(bad))
             raise DataError(
@@ -375,7 +353,7 @@ class BraTSDataModule(L.LightningDataModule):
         all_ids = sorted({c.case_id for c in cases} | set(errors))
         labelled = [c.case_id for c in cases if c.has_label] + [cid for cid in errors if self.require_label]
         labelled = sorted(set(labelled))
-        patients = [patient_id_from_case(c, self.patient_id_pattern) for c in labelled]
+        patients = [self.reader.patient_id(c) for c in labelled]
         idx = (
             patient_split(patients, self.val_fraction, self.test_fraction, self.seed)
             if labelled
@@ -485,9 +463,7 @@ class BraTSDataModule(L.LightningDataModule):
             raise RuntimeError("BraTSDataModule.setup() has not been called")
 
     def _discover(self) -> tuple[list[BraTSCase], dict[str, DataError]]:
-        return discover_cases(
-            self.root, self._modalities, self.naming, self.file_patterns, self.require_label
-        )
+        return self.reader.list_cases(self.root, self._modalities, self.require_label)
 
     def _case_dict(self, case: BraTSCase) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -504,17 +480,10 @@ class BraTSDataModule(L.LightningDataModule):
 
     def _cache_key(self, case: BraTSCase) -> str:
         """Changes whenever a file or the decode configuration changes, so a stale cache is never read."""
-        files = [*case.image_files, *(p for p in (case.label_file, case.mask_file) if p is not None)]
-        stats = []
-        for p in files:
-            st = p.stat()
-            stats.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
         record = {
             "format": _CACHE_FORMAT,
-            "files": stats,
-            "label_map": sorted(self.label_map.items()),
+            **self.reader.fingerprint(case),
             "crop": [self.crop_foreground, self.crop_margin],
-            "modalities": list(case.modalities),
         }
         digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
         return f"{case.case_id}-{digest}"
@@ -527,11 +496,14 @@ class BraTSDataModule(L.LightningDataModule):
             hash_func=_cache_hash,
         )
 
+    def _on_disk(self, case: BraTSCase) -> bool:
+        return (self.cache_dir / f"{self._cache_key(case)}.pt").is_file()
+
     def _error_file(self, key: str) -> Path:
         return self.cache_dir / f"{key}.error.json"
 
     def _write_error(self, key: str, message: str) -> None:
+        from medens.utils.atomic import atomic_write_text
+
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_dir / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.write_text(json.dumps({"error": message}))
-        os.replace(tmp, self._error_file(key))
+        atomic_write_text(self._error_file(key), json.dumps({"error": message}))

@@ -1,17 +1,21 @@
-"""MONAI transform chains for BraTS cases, split into a cacheable decode stage and per-phase stages.
+"""MONAI transform chains for BraTS cases: a cacheable decode stage and per-phase stages.
 
-``decode`` (deterministic, cached in memory or on disk): read every NIfTI of a case, validate it,
-map labels to medens classes, z-score each channel over brain voxels and crop to the brain.
+``decode`` (deterministic, cached in memory or on disk): read and validate the case (the reader),
+z-score each channel over its non-zero (brain) voxels (``NormalizeIntensityd``) and crop to the box of
+brain and tumour (``CropForegroundd``, which records the box as ``crop_start``/``crop_end``).
 ``train`` (random, never cached): pad to the patch size, sample patches around tumour / brain
-background, flip and jitter intensities. ``eval`` (validation/test/predict): whole cropped volume.
+background, then the augmentations of ``augment`` (flips and intensity jitter by default; affine,
+elastic and contrast augmentation on request). ``eval`` (validation/test/predict): whole cropped volume.
 
 Items keep what is needed to write a prediction back as NIfTI on the input scan's grid:
 ``affine`` (4x4 voxel->world of the original file), ``original_shape``, ``crop_start``/``crop_end``
-(voxel box of the item inside the original volume), ``spacing`` (mm) and ``reference_file``.
+(voxel box of the item inside the original volume), ``spacing`` (mm) and ``reference_file``;
+`uncrop` is the crop's inverse (MONAI's ``BorderPad``, what ``CropForegroundd.inverse`` applies).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,9 +24,17 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import (
+    BorderPad,
+    CastToTyped,
     Compose,
+    ConcatItemsd,
+    CropForegroundd,
     DeleteItemsd,
     EnsureTyped,
+    NormalizeIntensityd,
+    Rand3DElasticd,
+    RandAdjustContrastd,
+    RandAffined,
     RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
@@ -31,10 +43,11 @@ from monai.transforms import (
     SpatialPadd,
     Transform,
 )
+from monai.utils import convert_to_numpy
 
-from medens.errors import ConfigError, DataError
+from medens.errors import ConfigError
 
-from .brats import map_labels
+from .readers import read_brats_case
 
 DEFAULT_AUGMENT: dict[str, Any] = {
     "enabled": True,
@@ -45,165 +58,62 @@ DEFAULT_AUGMENT: dict[str, Any] = {
     "shift_intensity": 0.1,  # image + U(-o, o), per channel (in z-score units)
     "noise_prob": 0.0,
     "noise_std": 0.1,
+    # optional, off by default (prob 0): nnU-Net-style spatial and contrast augmentation of each patch
+    "affine_prob": 0.0,  # RandAffined: rotation U(-rotate_deg, rotate_deg) per axis, zoom 1 + U(-scale, scale)
+    "rotate_deg": 15.0,
+    "scale": 0.15,
+    "elastic_prob": 0.0,  # Rand3DElasticd: smoothing sigma and magnitude ranges (voxels)
+    "elastic_sigma": [5.0, 8.0],
+    "elastic_magnitude": [50.0, 150.0],
+    "contrast_prob": 0.0,  # RandAdjustContrastd: gamma range
+    "contrast_gamma": [0.7, 1.5],
 }
-
-
-def _read(path: str, case_id: str, role: str, label: bool = False) -> tuple[np.ndarray, nib.Nifti1Image]:
-    """Decode one NIfTI file fully; any failure (truncated gzip, bad header) names case and file."""
-    try:
-        img = nib.load(path)
-        arr = np.asarray(img.dataobj) if label else img.get_fdata(dtype=np.float32)
-    except Exception as e:  # EOFError, zlib.error, OSError, ValueError... depending on where it breaks
-        raise DataError(
-            f"case {case_id}: cannot decode {role} file {path}: {type(e).__name__}: {e} "
-            f"(truncated or corrupt NIfTI?)"
-        ) from e
-    while arr.ndim > 3 and arr.shape[-1] == 1:
-        arr = arr[..., 0]
-    if arr.ndim != 3:
-        raise DataError(f"case {case_id}: {role} file {path}: expected a 3-D volume, got shape {arr.shape}")
-    if not label and not np.all(np.isfinite(arr)):
-        raise DataError(f"case {case_id}: {role} file {path}: contains NaN or infinite voxels")
-    return arr, img
+IMAGE_KEYS = ["image", "label", "brain_mask"]
+_ARRAY_KEYS = [*IMAGE_KEYS, "affine", "spacing", "original_shape", "crop_start", "crop_end"]
 
 
 class LoadBraTSCased(Transform):
-    """Read one case (dict of file paths) into ``image`` [C,H,W,D] float32, ``label`` and ``brain_mask``.
+    """Read one case (dict of file paths) with `read_brats_case`.
 
-    Validates what headers cannot show: decodable voxel data, one shape and affine for all files,
-    label codes inside ``label_map``. The brain is the mask file when the layout has one (DeepMedic
-    BraTS 2015 has a constant non-zero background), else voxels non-zero in any channel.
+    Home-made: MONAI's ``LoadImaged`` cannot check that all files share one grid or map the release's
+    label codes with errors naming the case and file.
     """
 
     def __init__(self, label_map: Mapping[int, int]) -> None:
         self.label_map = dict(label_map)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[str, Any]:
-        case_id = str(data["case_id"])
-        files = [str(p) for p in data["image_files"]]
-        modalities = list(data.get("modalities") or [f"channel {i}" for i in range(len(files))])
-        first, ref_img = _read(files[0], case_id, f"modality '{modalities[0]}'")
-        ref_shape, ref_affine, ref_path = first.shape, np.asarray(ref_img.affine, np.float64), files[0]
-        channels = [first]
-        for mod, path in zip(modalities[1:], files[1:], strict=True):
-            arr, img = _read(path, case_id, f"modality '{mod}'")
-            self._same_grid(case_id, path, arr.shape, img, ref_shape, ref_affine, ref_path)
-            channels.append(arr)
-        out: dict[str, Any] = {
-            "case_id": case_id,
-            "image": np.stack(channels, axis=0),
-            "affine": ref_affine,
-            "spacing": np.asarray(ref_img.header.get_zooms()[:3], dtype=np.float64),
-            "original_shape": np.asarray(ref_shape, dtype=np.int64),
-            "reference_file": ref_path,
-        }
-        label_file = data.get("label_file")
-        if label_file:
-            raw, img = _read(str(label_file), case_id, "label", label=True)
-            self._same_grid(case_id, str(label_file), raw.shape, img, ref_shape, ref_affine, ref_path)
-            out["label"] = map_labels(raw, self.label_map, case_id, label_file)[None]
-        mask_file = data.get("mask_file")
-        if mask_file:
-            m, img = _read(str(mask_file), case_id, "brain mask")
-            self._same_grid(case_id, str(mask_file), m.shape, img, ref_shape, ref_affine, ref_path)
-            brain = m > 0.5
-        else:
-            brain = np.any(out["image"] != 0, axis=0)
-        if not brain.any():
-            raise DataError(
-                f"case {case_id}: empty brain: every voxel of {files} is zero (or the mask is empty)"
-            )
-        out["brain_mask"] = brain[None].astype(np.uint8)
-        return out
-
-    @staticmethod
-    def _same_grid(
-        case_id: str,
-        path: str,
-        shape: tuple[int, ...],
-        img: nib.Nifti1Image,
-        ref_shape: tuple[int, ...],
-        ref_affine: np.ndarray,
-        ref_path: str,
-    ) -> None:
-        if tuple(shape) != tuple(ref_shape):
-            raise DataError(
-                f"case {case_id}: file {path} has shape {tuple(shape)}, but {ref_path} has {tuple(ref_shape)}"
-            )
-        a = np.asarray(img.affine, np.float64)
-        if not np.allclose(a, ref_affine, atol=1e-3):
-            raise DataError(
-                f"case {case_id}: file {path} has a different affine than {ref_path} "
-                f"(max difference {np.abs(a - ref_affine).max():.4g})"
-            )
+        return read_brats_case(data, self.label_map)
 
 
-class ZScoreBraind(Transform):
-    """Per-channel z-score over brain voxels; background set to 0 so padding and background agree."""
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[str, Any]:
-        d = dict(data)
-        img = np.asarray(d["image"], dtype=np.float32)
-        brain = np.asarray(d["brain_mask"])[0].astype(bool)
-        out = np.zeros_like(img)
-        for c in range(img.shape[0]):
-            vals = img[c][brain].astype(np.float64)
-            mean = vals.mean()
-            std = vals.std()
-            out[c][brain] = ((vals - mean) / (std if std > 1e-8 else 1.0)).astype(np.float32)
-        d["image"] = out
-        return d
-
-
-class CropBraind(Transform):
-    """Crop image/label/mask to the box of brain or tumour (+ margin); records ``crop_start``/``crop_end``.
-
-    With ``enabled=False`` the box is the whole volume, so writing back is the same code path.
-    """
-
-    def __init__(self, enabled: bool = True, margin: int = 0) -> None:
-        self.enabled = enabled
-        self.margin = int(margin)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[str, Any]:
-        d = dict(data)
-        shape = np.asarray(d["image"].shape[1:], dtype=np.int64)
-        if not self.enabled:
-            d["crop_start"], d["crop_end"] = np.zeros(3, np.int64), shape.copy()
-            return d
-        fg = np.asarray(d["brain_mask"])[0] > 0
-        if "label" in d:
-            fg = fg | (np.asarray(d["label"])[0] > 0)
-        start, end = [], []
-        for ax in range(3):
-            other = tuple(a for a in range(3) if a != ax)
-            idx = np.flatnonzero(fg.any(axis=other))
-            start.append(max(int(idx[0]) - self.margin, 0))
-            end.append(min(int(idx[-1]) + 1 + self.margin, int(shape[ax])))
-        sl = (slice(None), *(slice(s, e) for s, e in zip(start, end, strict=True)))
-        for key in ("image", "label", "brain_mask"):
-            if key in d:
-                d[key] = np.ascontiguousarray(d[key][sl])
-        d["crop_start"], d["crop_end"] = np.asarray(start, np.int64), np.asarray(end, np.int64)
-        return d
-
-
-class ToTorchd(Transform):
-    """numpy -> torch for every array entry (compact dtypes kept: label/mask stay uint8 in the cache)."""
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[str, Any]:
-        return {
-            k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
-            for k, v in data.items()
-        }
+def _whole_volume(x: torch.Tensor) -> torch.Tensor:
+    """``select_fn`` of a crop that keeps everything (``crop_foreground=False``: same code path)."""
+    return torch.ones_like(torch.as_tensor(x), dtype=torch.bool)
 
 
 def build_decode_transform(
     label_map: Mapping[int, int], crop_foreground: bool = True, crop_margin: int = 0
 ) -> Compose:
-    """Deterministic chain whose output is cached: load+validate, z-score over brain, crop."""
+    """Deterministic chain whose output is cached: load+validate, z-score over the brain, crop."""
     return Compose(
-        [LoadBraTSCased(label_map), ZScoreBraind(), CropBraind(crop_foreground, crop_margin), ToTorchd()]
+        [
+            LoadBraTSCased(label_map),
+            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+            ConcatItemsd(keys=["brain_mask", "label"], name="foreground", allow_missing_keys=True),
+            CropForegroundd(
+                keys=IMAGE_KEYS,
+                source_key="foreground",
+                **({} if crop_foreground else {"select_fn": _whole_volume}),
+                margin=int(crop_margin),
+                allow_smaller=True,
+                start_coord_key="crop_start",
+                end_coord_key="crop_end",
+                allow_missing_keys=True,
+            ),
+            DeleteItemsd(keys="foreground"),
+            CastToTyped(keys=["crop_start", "crop_end"], dtype=np.int64),
+            EnsureTyped(keys=_ARRAY_KEYS, track_meta=False, allow_missing_keys=True),
+        ]
     )
 
 
@@ -223,6 +133,50 @@ def _finalize() -> list[Transform]:
     ]
 
 
+def augment_transforms(aug: Mapping[str, Any]) -> list[Transform]:
+    """The random augmentations of a training patch (``image``, ``label``), in order: spatial, flips,
+    intensity; a transform whose probability is 0 is left out, so the default chain (and its seeds) is
+    the same whether the optional keys exist or not."""
+    if not aug["enabled"]:
+        return []
+    keys, modes = ["image", "label"], ["bilinear", "nearest"]
+    out: list[Transform] = []
+    if aug["affine_prob"] > 0:
+        rot, scale = math.radians(float(aug["rotate_deg"])), float(aug["scale"])
+        out.append(RandAffined(keys=keys, prob=float(aug["affine_prob"]), rotate_range=[rot] * 3,
+                               scale_range=[scale] * 3, mode=modes, padding_mode="zeros"))  # fmt: skip
+    if aug["elastic_prob"] > 0:
+        out.append(Rand3DElasticd(keys=keys, prob=float(aug["elastic_prob"]), mode=modes, padding_mode="zeros",
+                                  sigma_range=tuple(map(float, aug["elastic_sigma"])),
+                                  magnitude_range=tuple(map(float, aug["elastic_magnitude"]))))  # fmt: skip
+    if aug["flip_prob"] > 0:
+        out += [
+            RandFlipd(keys=keys, prob=float(aug["flip_prob"]), spatial_axis=int(ax))
+            for ax in aug["flip_axes"]
+        ]
+    p = float(aug["intensity_prob"])
+    if p > 0 and aug["scale_intensity"] > 0:
+        out.append(
+            RandScaleIntensityd(
+                keys="image", factors=float(aug["scale_intensity"]), prob=p, channel_wise=True
+            )
+        )
+    if p > 0 and aug["shift_intensity"] > 0:
+        out.append(
+            RandShiftIntensityd(
+                keys="image", offsets=float(aug["shift_intensity"]), prob=p, channel_wise=True
+            )
+        )
+    if aug["noise_prob"] > 0:
+        out.append(
+            RandGaussianNoised(keys="image", prob=float(aug["noise_prob"]), std=float(aug["noise_std"]))
+        )
+    if aug["contrast_prob"] > 0:
+        out.append(RandAdjustContrastd(keys="image", prob=float(aug["contrast_prob"]),
+                                       gamma=tuple(map(float, aug["contrast_gamma"])), retain_stats=True))  # fmt: skip
+    return out
+
+
 def build_train_transform(
     patch_size: Sequence[int],
     pos_neg_ratio: float = 1.0,
@@ -240,50 +194,22 @@ def build_train_transform(
     patch = [int(p) for p in patch_size]
     if len(patch) != 3 or min(patch) < 1:
         raise ConfigError(f"patch_size must be 3 positive ints, got {list(patch_size)}")
-    aug = resolve_augment(augment)
-    keys = ["image", "label", "brain_mask"]
+    finite = bool(np.isfinite(pos_neg_ratio))
     chain: list[Transform] = [
-        SpatialPadd(keys=keys, spatial_size=patch),
+        SpatialPadd(keys=IMAGE_KEYS, spatial_size=patch),
         RandCropByPosNegLabeld(
-            keys=keys,
+            keys=IMAGE_KEYS,
             label_key="label",
             spatial_size=patch,
-            pos=float(pos_neg_ratio) if np.isfinite(pos_neg_ratio) else 1.0,
-            neg=1.0 if np.isfinite(pos_neg_ratio) else 0.0,
+            pos=float(pos_neg_ratio) if finite else 1.0,
+            neg=1.0 if finite else 0.0,
             num_samples=int(samples_per_volume),
             image_key="brain_mask",  # negatives: label 0 *inside the brain*
             image_threshold=0,
         ),
         DeleteItemsd(keys="brain_mask"),
+        *augment_transforms(resolve_augment(augment)),
     ]
-    if aug["enabled"]:
-        for ax in aug["flip_axes"]:
-            if aug["flip_prob"] > 0:
-                chain.append(
-                    RandFlipd(keys=["image", "label"], prob=float(aug["flip_prob"]), spatial_axis=int(ax))
-                )
-        if aug["intensity_prob"] > 0 and aug["scale_intensity"] > 0:
-            chain.append(
-                RandScaleIntensityd(
-                    keys="image",
-                    factors=float(aug["scale_intensity"]),
-                    prob=float(aug["intensity_prob"]),
-                    channel_wise=True,
-                )
-            )
-        if aug["intensity_prob"] > 0 and aug["shift_intensity"] > 0:
-            chain.append(
-                RandShiftIntensityd(
-                    keys="image",
-                    offsets=float(aug["shift_intensity"]),
-                    prob=float(aug["intensity_prob"]),
-                    channel_wise=True,
-                )
-            )
-        if aug["noise_prob"] > 0:
-            chain.append(
-                RandGaussianNoised(keys="image", prob=float(aug["noise_prob"]), std=float(aug["noise_std"]))
-            )
     return Compose([*chain, *_finalize()])
 
 
@@ -309,7 +235,7 @@ def _meta(meta: Mapping[str, Any], key: str, index: int | None) -> np.ndarray:
 def uncrop(
     pred: np.ndarray | torch.Tensor, crop_start: Sequence[int], original_shape: Sequence[int], fill: float = 0
 ) -> np.ndarray:
-    """Place a prediction over the crop box back into a volume of the original shape.
+    """Place a prediction over the crop box back into a volume of the original shape (the crop's inverse).
 
     ``pred`` is [H,W,D] or [C,H,W,D] (leading dims kept); voxels outside the box get ``fill``.
     """
@@ -321,9 +247,11 @@ def uncrop(
         raise ValueError(
             f"prediction of shape {size} at {start} does not fit the original shape {full_shape}"
         )
-    out = np.full((*arr.shape[:-3], *full_shape), fill, dtype=arr.dtype)
-    out[(..., *(slice(s, s + n) for s, n in zip(start, size, strict=True)))] = arr
-    return out
+    border = [b for s, n, f in zip(start, size, full_shape, strict=True) for b in (s, f - s - n)]
+    lead = arr.shape[:-3]
+    flat = arr.reshape(-1, *size)  # BorderPad pads the spatial dims of a channel-first array
+    out = convert_to_numpy(BorderPad(spatial_border=border, mode="constant", value=fill)(flat))
+    return out.astype(arr.dtype, copy=False).reshape(*lead, *full_shape)
 
 
 def write_prediction_nifti(

@@ -1,6 +1,6 @@
 """CPU latency of the production exports against eager PyTorch; JSON under outputs/benchmarks/.
 
-    OMP_NUM_THREADS=1 python scripts/benchmark_export.py --threads 1 [--models xray ct --batches 1 32]
+    OMP_NUM_THREADS=1 python scripts/benchmark.py export --threads 1 [--models xray ct --batches 1 32]
         [--repeats 10 --xray-ckpt saved_models/xray/resnet50_best.pth
          --ct-ckpt saved_models/ct/3dcnn_best.pth]
 
@@ -45,7 +45,7 @@ import medens  # noqa: F401  (registers resolvers)
 from medens.export import export_module, load_runner, load_source_network
 from medens.models.xray import build_resnet
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = {"torchscript": "torchscript_trace", "onnxruntime": "onnx", "torch.export": "torch_export"}
 SUFFIX = {"torchscript_trace": "pt", "onnx": "onnx", "torch_export": "pt2"}
 
@@ -116,8 +116,9 @@ def time_cell(
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_parsers(sub: Any) -> None:
+    """Register `export` on the benchmark entry point's subparsers."""
+    parser = sub.add_parser("export", help="CPU latency of the production exports against eager PyTorch")
     parser.add_argument("--models", nargs="+", default=["xray", "ct"], choices=["xray", "ct"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--repeats", type=int, default=10)
@@ -129,7 +130,11 @@ def main() -> None:
     parser.add_argument("--ct-ckpt", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch (and onnxruntime) intra-op threads")
     parser.add_argument("--out", default=str(ROOT / "outputs/benchmarks/export_latency.json"))
-    args = parser.parse_args()
+    parser.set_defaults(_run=run)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Export, verify and time each network; write `--out` (outputs/benchmarks/export_latency.json)."""
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -206,7 +211,4 @@ def main() -> None:
     for model, batch, backend, med, per, runs, diff in rows:
         print(f"{model:<5} {batch:>5}  {backend:<12} {med:>10.1f} {per:>10.1f} {runs:>4}  {diff:.2e}")
     print(f"\nthreads: {report['threads']}; written {out}")
-
-
-if __name__ == "__main__":
-    main()
+    return out

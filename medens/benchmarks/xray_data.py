@@ -8,7 +8,10 @@ transforms, batch size and worker count) reading (a) the 1024x1024 PNGs, decoded
 decoded-image cache (one uint8 memory-mapped array, `medens.data.xray_cache`), and (c) per-image `.npy`
 files of the same decoded images (the alternative layout); then (a) and (b) again with the evaluation
 transforms (no augmentation). Sources alternate per repeat; medians are reported with the cache build
-time and its size on disk per 1,000 images.
+time and its size on disk per 1,000 images. With `--augment-on device` (the default, as
+`data.augment_on`) the training loader carries the uint8 image and per-item parameters, and the random
+augmentation runs batched after the loader: its cost per batch on this CPU is reported beside the ratio
+(`device_augment_ms_per_batch_on_this_cpu`); `--augment-on loader` measures the per-image PIL chain.
 
 `xray-e2e`: one training epoch of ResNet-18 at 224 px through `scripts/train.py` (cache on, images/s
 of the training batches as `perf/images_per_s` measures it: epoch start to the end of the last batch)
@@ -21,6 +24,7 @@ The set is generated once under outputs/benchmarks/data/ (synthetic generator, `
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -32,11 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from medens.utils.atomic import replace_folder_atomically
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_parsers(sub: Any) -> None:
-    """Register `xray-data` and `xray-e2e` on scripts/benchmark.py's subparsers."""
+    """Register `xray-data` and `xray-e2e` on the benchmark entry point's subparsers."""
     for name, help_ in (("xray-data", "one epoch from 1024 px PNGs vs the decoded-image cache"),
                         ("xray-e2e", "scripts/train.py (cache on) vs a plain PyTorch loop over PIL PNGs")):  # fmt: skip
         p = sub.add_parser(name, help=help_)
@@ -47,8 +53,11 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("--batch", type=int, default=16)
         p.add_argument("--repeats", type=int, default=3 if name == "xray-data" else 2)
         p.add_argument("--arch", default="resnet18")
+        p.add_argument("--augment-on", default="device", choices=["device", "loader"],
+                       help="data.augment_on: device (loader carries uint8, augmentation batched after it) or loader")
         p.add_argument("--data-root", default=None, help="default: outputs/benchmarks/data/nih<png-size>-<images>")
         p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"))
+        p.set_defaults(_run=functools.partial(run, name))
 
 
 def _dataset_root(args: argparse.Namespace) -> Path:
@@ -66,7 +75,7 @@ def _datamodule(root: Path, args: argparse.Namespace, cache: bool, cache_dir: Pa
 
     dm = XRayDataModule(
         str(root), image_size=args.image_size, val_fraction=0.05, test_fraction=0.05, batch_size=args.batch,
-        num_workers=args.workers, verify_images=False,
+        num_workers=args.workers, verify_images=False, augment_on=args.augment_on,
         train_augment=[{"_target_": "torchvision.transforms.v2.RandomAffine", "degrees": 7,
                         "translate": [0.04, 0.04], "scale": [0.95, 1.05]},
                        {"_target_": "torchvision.transforms.v2.ColorJitter", "brightness": 0.1, "contrast": 0.1}],
@@ -126,11 +135,12 @@ def xray_data(args: argparse.Namespace) -> dict[str, Any]:
     png = _datamodule(root, args, False, cache_dir)
     npy_dir = root.parent / f"npy-{root.name}-{cached.cache.size}"
     if not npy_dir.is_dir():
-        tmp = npy_dir.with_name(npy_dir.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name in cached.cache.names:
-            np.save(tmp / f"{name}.npy", cached.cache.image(cached.cache.row(name)))
-        os.replace(tmp, npy_dir)
+
+        def write_npy(tmp: Path) -> None:
+            for name in cached.cache.names:
+                np.save(tmp / f"{name}.npy", cached.cache.image(cached.cache.row(name)))
+
+        replace_folder_atomically(npy_dir, write_npy)
     sources = {"png": png.datasets["train"], "cache": cached.datasets["train"],
                "npy_files": _NpyFiles(cached.datasets["train"], npy_dir),
                "png_eval": _eval_view(png), "cache_eval": _eval_view(cached)}  # fmt: skip
@@ -144,6 +154,7 @@ def xray_data(args: argparse.Namespace) -> dict[str, Any]:
             steady[name].append(after_first)
             print(f"repeat {r + 1}: {name:9s} {epoch:8.1f} images/s ({after_first:.1f} after the first batch)",
                   flush=True)  # fmt: skip
+    augment_ms = _device_augment_ms(cached, args)
     med = {k: float(np.median(v)) for k, v in runs.items()}
     med_steady = {k: float(np.median(v)) for k, v in steady.items()}
     n_cached = len(cached.cache.names)
@@ -161,8 +172,24 @@ def xray_data(args: argparse.Namespace) -> dict[str, Any]:
         "cache_bytes": cached.cache.nbytes(), "cache_mb_per_1000_images": cached.cache.nbytes() / n_cached * 1000 / 1e6,
         "png_mb_per_1000_images": sum((root / "images" / n).stat().st_size for n in cached.cache.names)
         / n_cached * 1000 / 1e6,
-        "cache_folder": str(cached.cache.folder),
+        "cache_folder": str(cached.cache.folder), "augment_on": args.augment_on,
+        "device_augment_ms_per_batch_on_this_cpu": augment_ms,
     }  # fmt: skip
+
+
+def _device_augment_ms(dm: Any, args: argparse.Namespace) -> float | None:
+    """With augment_on=device the random augmentation left the loader: its cost per batch, timed here on
+    the CPU (one thread of the training process; on a GPU it is a fraction of a millisecond)."""
+    if dm.batch_augment is None:
+        return None
+    ds = dm.datasets["train"]
+    items = [ds[i] for i in range(args.batch)]
+    images, params = torch.stack([it["image"] for it in items]), torch.stack([it["augment"] for it in items])
+    dm.batch_augment(images, params)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        dm.batch_augment(images, params)
+    return round((time.perf_counter() - t0) / 10 * 1000, 2)
 
 
 # -- end to end -----------------------------------------------------------------------------------------
@@ -225,6 +252,7 @@ def _medens_epoch(root: Path, args: argparse.Namespace, run_root: Path) -> tuple
         f"data.num_workers={args.workers}", "data.val_fraction=0.05", "data.test_fraction=0.05",
         "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false", "test=false", "logger=none", f"paths.saved_models_dir={saved}",
+        f"data.augment_on={args.augment_on}",
     ]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=run_root, env={**os.environ, "MEDENS_ROOT": str(run_root)},
@@ -269,6 +297,7 @@ def run(name: str, args: argparse.Namespace) -> Path:
 
     result = xray_data(args) if name == "xray-data" else xray_e2e(args)
     result.update(
+        augment_on=args.augment_on,
         torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
         machine=platform.processor() or platform.machine(), load_average_1m=round(os.getloadavg()[0], 2),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),

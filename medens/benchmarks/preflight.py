@@ -15,16 +15,18 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register `preflight` on the benchmark entry point's subparsers."""
     p = sub.add_parser("preflight", help="preflight round-trip cost vs one epoch of the default X-ray run")
     p.add_argument("--limit-train-batches", type=int, default=None, help="run N batches and extrapolate")
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--root", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--override", action="append", default=[], help="extra Hydra overrides")
     p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"))
+    p.set_defaults(_run=run)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -1,9 +1,7 @@
 """MRI benchmarks; results are written as JSON under outputs/benchmarks/.
 
-    python scripts/benchmark_mri.py inference [--overlap 0.5 --sw-batch 1 --repeats 1]
-    python scripts/benchmark_mri.py cache [--cases 4 --net default|none --modes none memory disk]
-
-(also `python scripts/benchmark.py mri-inference|mri-cache` with the same options.)
+    python scripts/benchmark.py mri-inference [--overlap 0.5 --sw-batch 1 --repeats 1]
+    python scripts/benchmark.py mri-cache [--cases 4 --net default|none --modes none memory disk]
 
 `inference`: whole-volume sliding-window inference of the default experiment's U-Net (composed from
 `conf/`, `experiment=mri`: ~19.2M parameters, 128^3 windows, overlap 0.5, Gaussian blending) on one
@@ -34,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOLUME = (240, 240, 155)
 
 
@@ -202,9 +200,13 @@ def mri_cache(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_parsers(sub: Any) -> None:
-    """Register `mri-inference` and `mri-cache` on another script's argparse subparsers (scripts/benchmark.py)."""
-    _options(sub.add_parser("mri-inference", help="default U-Net, sliding window over a 4x240x240x155 volume"), "inference")
-    _options(sub.add_parser("mri-cache", help="one training epoch per BraTS cache mode"), "cache")
+    """Register `mri-inference` and `mri-cache` on the benchmark entry point's subparsers."""
+    p = sub.add_parser("mri-inference", help="default U-Net, sliding window over a 4x240x240x155 volume")
+    _options(p, "inference")
+    p.set_defaults(_run=lambda args: run("inference", args))
+    p = sub.add_parser("mri-cache", help="one training epoch per BraTS cache mode")
+    _options(p, "cache")
+    p.set_defaults(_run=lambda args: run("cache", args))
 
 
 def _options(p: argparse.ArgumentParser, name: str) -> None:
@@ -245,16 +247,3 @@ def run(name: str, args: argparse.Namespace) -> Path:
     path.write_text(json.dumps(result, indent=2))
     print(f"-> {path}")
     return path
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="name", required=True)
-    for name in ("inference", "cache"):
-        _options(sub.add_parser(name), name)
-    args = parser.parse_args()
-    run(args.name, args)
-
-
-if __name__ == "__main__":
-    main()

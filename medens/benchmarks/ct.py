@@ -1,6 +1,6 @@
 """CT patch-cache benchmark; the result is written as JSON under outputs/benchmarks/.
 
-    python scripts/benchmark_ct.py [--epochs 2 --net light|default|none --patients 40 --scan-shape 112 112 96]
+    python scripts/benchmark.py ct-cache [--epochs 2 --net light|default|none --patients 40 --scan-shape 112 112 96]
 
 On the default synthetic LUNA16-format set (the `experiment=ct` data config: 64^3 patches at 1 mm), one
 training epoch is timed twice over the same nodules, with the same augmentation and loader:
@@ -41,7 +41,7 @@ from medens.data.ct.sources import ErrorPolicy
 from medens.data.ct.synthetic import ensure_luna16_synthetic
 from medens.data.loaders import make_loader
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ScanPatchDataset(Dataset):
@@ -90,10 +90,9 @@ def time_epoch(loader: Any, net: torch.nn.Module | None, epoch: int) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_parsers(sub: Any) -> None:
+    """Register `ct-cache` on the benchmark entry point's subparsers."""
+    parser = sub.add_parser("ct-cache", help="one CT training epoch with the patch cache vs re-reading scans")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per mode")
     parser.add_argument("--net", choices=["none", "light", "default"], default="light")
     parser.add_argument(
@@ -104,7 +103,11 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workdir", default=str(ROOT / "outputs" / "benchmarks" / "ct_cache_work"))
-    args = parser.parse_args()
+    parser.set_defaults(_run=run)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Time cached vs uncached epochs; write outputs/benchmarks/ct_patch_cache_<time>.json."""
     torch.manual_seed(0)
 
     work = Path(args.workdir)
@@ -114,15 +117,15 @@ def main() -> None:
                  f"data.batch_size={args.batch_size}", "data.val_fraction=0.0", "data.test_fraction=0.0"]  # fmt: skip
     if args.patients or args.scan_shape:  # a set of its own, beside the default one
         shape = args.scan_shape or [112, 112, 96]
-        overrides += [f"data.generator.scan_shape=[{','.join(map(str, shape))}]",
+        overrides += [f"data.source.generator.scan_shape=[{','.join(map(str, shape))}]",
                       f"data.root={work}/ct_synthetic_{'x'.join(map(str, shape))}_{args.patients or 'default'}"]  # fmt: skip
         if args.patients:
-            overrides.append(f"data.generator.n_patients={args.patients}")
+            overrides.append(f"data.source.generator.n_patients={args.patients}")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     dm: CTDataModule = hydra.utils.instantiate(cfg.data)
     t0 = time.perf_counter()
-    ensure_luna16_synthetic(dm.root, **dm.generator)  # generated on first use only
+    ensure_luna16_synthetic(dm.root, **dm.reader.generator)  # generated on first use only
     generate_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     dm.prepare_data()
@@ -155,10 +158,10 @@ def main() -> None:
         "net": args.net,
         "n_train_nodules": len(dm.datasets["train"]),
         "n_scans": len({r.source_file for r in dm.datasets["train"].records}),
-        "scan_shape": list(cfg.data.generator.scan_shape),
+        "scan_shape": list(cfg.data.source.generator.scan_shape),
         "patch_size": dm.patch_config.patch_size,
         "batch_size": dm.batch_size,
-        "generator": OmegaConf.to_container(cfg.data.generator, resolve=True),
+        "generator": OmegaConf.to_container(cfg.data.source.generator, resolve=True),
         "generate_seconds": round(generate_s, 2),
         "cache_build_seconds": round(cache_build_s, 2),
         "epoch_seconds": {m: [round(t, 3) for t in v] for m, v in times.items()},
@@ -173,7 +176,4 @@ def main() -> None:
         json.dumps({k: result[k] for k in ("median_epoch_seconds", "speedup_uncached_over_cached")}, indent=2)
     )
     print(f"-> {out}")
-
-
-if __name__ == "__main__":
-    main()
+    return out

@@ -1,0 +1,160 @@
+"""`python scripts/benchmark.py xray-throughput [--arch resnet50 --size 224 --batch 16 --steps 8]`.
+
+`xray-throughput` trains the same network on the same in-memory synthetic batches twice: through
+the medens X-ray LightningModule with a Lightning Trainer, and through a plain PyTorch loop. It
+reports images/s of each and their ratio (target >= 0.97). Runs alternate in ABBA order (plain,
+medens, medens, plain, ...) so load from other processes affects both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from medens.data.synthetic_xray import render_chest, sample_findings
+from medens.data.xray import IMAGENET_MEAN, IMAGENET_STD, NIH_LABELS
+from medens.models.xray import XRayClassifier, build_resnet, masked_bce_with_logits
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def synthetic_batches(n_batches: int, batch: int, size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Preprocessed synthetic NIH images (normalised, 3 channels), identical for both loops."""
+    rng = np.random.default_rng(seed)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    out = []
+    for _ in range(n_batches):
+        images, labels = [], []
+        for _ in range(batch):
+            found = sample_findings(rng)
+            img = torch.from_numpy(render_chest(found, size, rng)).float().div(255).expand(3, -1, -1)
+            images.append((img - mean) / std)
+            labels.append(torch.tensor([float(n in found) for n in NIH_LABELS]))
+        out.append({"image": torch.stack(images), "label": torch.stack(labels)})
+    return out
+
+
+class _Batches(Dataset):
+    def __init__(self, batches: list[dict[str, torch.Tensor]]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.batches[i]
+
+
+class _StepTimer(pl.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.t0, self.t1 = warmup, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if batch_idx == self.warmup:
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.t1 = time.perf_counter()
+
+
+def _optimizer() -> functools.partial:
+    return functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-4)
+
+
+def run_plain(batches, arch: str, warmup: int) -> float:  # noqa: ANN001
+    torch.manual_seed(0)
+    net = build_resnet(arch, num_classes=14)
+    net.train()
+    opt = _optimizer()(params=net.parameters())
+    t0 = None
+    for i, b in enumerate(batches):
+        if i == warmup:
+            t0 = time.perf_counter()
+        loss = masked_bce_with_logits(net(b["image"]), b["label"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return (len(batches) - warmup) * batches[0]["image"].shape[0] / (time.perf_counter() - t0)
+
+
+def run_medens(batches, arch: str, warmup: int) -> float:  # noqa: ANN001
+    torch.manual_seed(0)
+    model = XRayClassifier(build_resnet(arch, num_classes=14), optimizer=_optimizer(), label_names=NIH_LABELS)
+    timer = _StepTimer(warmup)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], limit_val_batches=0,
+    )  # fmt: skip
+    loader = DataLoader(_Batches(batches), batch_size=None, shuffle=False)
+    trainer.fit(model, train_dataloaders=loader)
+    return (len(batches) - warmup) * batches[0]["image"].shape[0] / (timer.t1 - timer.t0)
+
+
+def xray_throughput(args: argparse.Namespace) -> dict:
+    batches = synthetic_batches(args.warmup + args.steps, args.batch, args.size)
+    plain, medens = [], []
+    for r in range(args.repeats):  # ABBA order: drift in machine load does not favour either loop
+        first, second = (run_plain, run_medens) if r % 2 == 0 else (run_medens, run_plain)
+        for fn in (first, second):
+            (plain if fn is run_plain else medens).append(fn(batches, args.arch, args.warmup))
+        print(f"plain {plain[-1]:.2f} img/s   medens {medens[-1]:.2f} img/s", flush=True)
+    result = {
+        "benchmark": "xray-throughput",
+        "arch": args.arch,
+        "image_size": args.size,
+        "batch_size": args.batch,
+        "timed_steps": args.steps,
+        "warmup_steps": args.warmup,
+        "repeats": args.repeats,
+        "plain_images_per_s": plain,
+        "medens_images_per_s": medens,
+        "plain_median": float(np.median(plain)),
+        "medens_median": float(np.median(medens)),
+        "ratio_median": float(np.median(medens) / np.median(plain)),
+        "ratio_per_repeat": [m / p for m, p in zip(medens, plain, strict=True)],
+        "load_average_1m": round(__import__("os").getloadavg()[0], 2),
+    }
+    return result
+
+
+def add_parsers(sub: Any) -> None:
+    """Register `xray-throughput` on the benchmark entry point's subparsers."""
+    p = sub.add_parser("xray-throughput", help="medens X-ray module vs a plain PyTorch loop")
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"))
+    p.set_defaults(_run=run)
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Run the benchmark and write `<out>/xray-throughput.json`."""
+    result = xray_throughput(args)
+    result.update(
+        {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "xray-throughput.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"ratio (medens/plain, median): {result['ratio_median']:.3f} -> {path}")
+    return path

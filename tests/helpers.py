@@ -1,0 +1,166 @@
+"""Test helpers in one place (fixtures live in conftest.py, real servers in servers.py): project paths, the
+overrides that shrink each modality's run, composing the real configs into a tmp folder, running the CLI
+as a user would, and the comparisons several files make."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+PYTHON = os.environ.get("MEDENS_TEST_PYTHON") or sys.executable
+#: Subprocesses of the tests use one intra-op thread: tiny nets gain nothing from more on a shared CPU.
+THREADS = {"OMP_NUM_THREADS": "1"}
+
+#: Overrides that shrink the X-ray run for tests (the default experiment keeps its meaning).
+TINY_XRAY = [
+    "model.net.arch=resnet18",
+    "data.image_size=32",
+    "data.synthetic.n_patients=16",
+    "data.synthetic.images_per_patient=2",
+    "data.synthetic.image_size=48",
+    "data.batch_size=8",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+#: Overrides that shrink the CT run for tests: 16^3 patches, an 8-64-channel ResNet-18, 8 small scans.
+TINY_CT = [
+    "model.net.widen_factor=0.125",
+    "model.net.conv1_t_size=3",
+    "model.net.conv1_t_stride=2",
+    "data.patch_size=16",
+    "data.source.generator.n_patients=8",
+    "data.source.generator.nodules_per_patient=4",
+    "data.source.generator.scan_shape=[64,64,48]",
+    "data.batch_size=4",
+    "data.val_fraction=0.25",
+    "data.test_fraction=0.25",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+#: Overrides that shrink the MRI run for tests (the default experiment keeps its meaning).
+TINY_MRI = [
+    "experiment=mri",
+    "model.net.channels=[4,8,16]",
+    "model.net.strides=[2,2]",
+    "model.net.num_res_units=1",
+    "data.patch_size=[32,32,32]",
+    "data.samples_per_volume=2",
+    "data.source.generator.n_cases=5",
+    "data.source.generator.shape=[40,40,32]",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
+#: One short, quiet training (no test stage, no logger): what the shared tiny checkpoints are.
+ONE_EPOCH = ["trainer.max_epochs=1", "test=false", "logger=none", "trainer.enable_progress_bar=false"]
+
+
+def compose(name: str = "train", *overrides: str, root: Path | None = None) -> Any:
+    """The real `conf/<name>.yaml` composed with `overrides`; with `root`, every path is redirected into it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import medens  # noqa: F401  (registers resolvers)
+
+    paths = [f"paths.root_dir={root}", f"paths.output_dir={root}/run"] if root is not None else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose(config_name=name, overrides=[*paths, *overrides])
+
+
+def train_in_process(root: Path, *overrides: str) -> tuple[dict, dict]:
+    """`medens.training.train.train` on the composed train config in `root` (no interpreter start-up)."""
+    from medens.training.train import train
+
+    return train(compose("train", *overrides, root=root))
+
+
+def copy_root(src: Path, dst: Path) -> Path:
+    """A writable copy of a project root from a shared fixture (its checkpoints still name the data of `src`)."""
+    shutil.copytree(src, dst, symlinks=True, dirs_exist_ok=True)
+    return dst
+
+
+def run_cli(script: str, *args: str, root: Path, timeout: int = 600, env: dict | None = None):
+    """Run `python scripts/<script> args...` as a user would, with MEDENS_ROOT=root."""
+    full_env = {**os.environ, "MEDENS_ROOT": str(root), "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [PYTHON, str(ROOT / "scripts" / script), *args],
+        cwd=root,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def cli_ok(proc) -> str:
+    """A finished `run_cli` that must have succeeded; returns its combined output."""
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two medens checkpoints hold the same weights, Adam moments, scheduler position and best score."""
+    import pytest
+    import torch
+
+    for k, v in a["model_state_dict"].items():
+        torch.testing.assert_close(b["model_state_dict"][k], v, rtol=1e-5, atol=1e-6)
+    for pid, state in a["optimizer_state_dict"]["state"].items():
+        torch.testing.assert_close(b["optimizer_state_dict"]["state"][pid]["exp_avg"], state["exp_avg"])
+    assert a["scheduler_state_dict"]["last_epoch"] == b["scheduler_state_dict"]["last_epoch"]
+    assert a["best_metric"] == pytest.approx(b["best_metric"])
+
+
+def plain(obj: Any) -> bool:
+    """Only JSON-like values (str keys; str, int, float, bool, None leaves): what a checkpoint may hold."""
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and plain(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return all(plain(v) for v in obj)
+    return obj is None or isinstance(obj, (str, int, float, bool))
+
+
+def folder_names(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def make_checkpoint(path: Path, modality: str = "xray", seed: int = 0) -> Path:
+    """A small file in the medens checkpoint format (DESIGN.md keys), as training writes it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ckpt = {
+        "format": "medens-checkpoint/1",
+        "epoch": 7,
+        "model_state_dict": {"fc.weight": torch.randn(14, 8, generator=g), "fc.bias": torch.zeros(14)},
+        "optimizer_state_dict": {"state": {}, "param_groups": []},
+        "scheduler_state_dict": None,
+        "train_loss": 0.31,
+        "val_loss": 0.35,
+        "val_auc": 0.81,
+        "best_metric": 0.81,
+        "monitor": "val/auc",
+        "hyperparameters": {
+            "modality": modality,
+            "seed": 42,
+            "model": {"name": "resnet50", "optimizer": {"lr": 0.001}},
+            "data": {"_target_": "medens.data.xray.XRayDataModule", "root": "/data/nih", "image_size": 224},
+        },
+        "timestamp": "2025-01-02T03:04:05+00:00",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path

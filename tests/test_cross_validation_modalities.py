@@ -1,0 +1,189 @@
+"""Cross-validation for X-ray and MRI with their trivial baselines (issue 16): the baselines, the MRI
+postprocessing, patient-grouped folds whose inner validation never holds a held-out patient, and
+`cross_validate` end to end on tiny synthetic sets (config-shrunk)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medens.errors import ConfigError
+from medens.evaluation.baselines import (
+    PixelLogisticRegression,
+    choose_flair_threshold,
+    dice,
+    downsample_pixels,
+    fit_pixel_baseline,
+    flair_threshold_segment,
+)
+from medens.evaluation.cross_validation import cross_validate
+from medens.models.mri_postprocess import choose_postprocess, postprocess, region_dice
+from tests.helpers import compose
+
+
+def _bright_corner_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(0.5, 0.1, (n, 64, 64)).astype(np.float32)
+    y = np.zeros((n, 2), np.float32)
+    y[:, 0] = rng.random(n) < 0.4
+    x[y[:, 0] == 1, :16, :16] += 0.15  # label 0: a brighter top-left corner; label 1: never present
+    return x, y
+
+
+def test_pixel_baseline_learns_what_32px_pixels_show():
+    x, y = _bright_corner_images(240, 0)
+    assert downsample_pixels(x[:3]).shape == (3, 32 * 32)
+    model = PixelLogisticRegression(c=0.1).fit(x[:160], y[:160])
+    p = model.predict_proba(x[160:])
+    assert roc_auc_score(y[160:, 0], p[:, 0]) > 0.95
+    assert np.all(p[:, 1] == 0.0)  # a label without positives scores its training prevalence
+    chosen, table = fit_pixel_baseline(x[:120], y[:120], x[120:160], y[120:160], c_grid=(0.001, 0.1))
+    assert set(table) == {"0.001", "0.1"} and chosen.c in (0.001, 0.1)
+    assert chosen.c == float(max(table, key=lambda k: table[k]))
+    with pytest.raises(ConfigError, match="C must be > 0"):
+        PixelLogisticRegression(c=0)
+
+
+def _brain_case(seed: int, tumour_value: float = 2.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.mgrid[:24, :24, :24]
+    brain = (zz - 12) ** 2 + (yy - 12) ** 2 + (xx - 12) ** 2 < 10**2
+    tumour = (zz - 10) ** 2 + (yy - 13) ** 2 + (xx - 12) ** 2 < 4**2
+    flair = rng.normal(0.0, 0.2, brain.shape)
+    flair[tumour] += tumour_value
+    flair[~brain] = 5.0  # bright skull outside the brain mask: never tumour
+    return flair, brain, tumour
+
+
+def test_flair_threshold_is_chosen_on_the_training_cases_only():
+    train = [_brain_case(s) for s in (1, 2)]
+    thr, table = choose_flair_threshold(*zip(*train, strict=True), grid=(0.2, 1.0, 1.6, 3.0))
+    assert thr in (1.0, 1.6) and table["3.00"] < table[f"{thr:.2f}"]
+    flair, brain, tumour = _brain_case(3)
+    seg = flair_threshold_segment(flair, brain, thr)
+    assert dice(seg, tumour) > 0.95 and not seg[~brain].any()
+    # a held-out case with another contrast does not move the threshold: only the training cases do
+    thr2, _ = choose_flair_threshold(*zip(*train, strict=True), grid=(0.2, 1.0, 1.6, 3.0))
+    assert thr2 == thr
+
+
+def test_postprocess_brain_mask_and_connected_components():
+    labels = np.zeros((20, 20, 20), np.int64)
+    labels[5:12, 5:12, 5:12] = 2
+    labels[7:9, 7:9, 7:9] = 3
+    labels[16:18, 16:18, 16:18] = 1  # a small island (8 voxels)
+    labels[0, 0, 0:3] = 2  # outside the brain
+    brain = np.ones_like(labels, bool)
+    brain[0] = False
+    assert not postprocess(labels, brain, {"brain_only": True})[0].any()
+    small_gone = postprocess(labels, brain, {"min_size": 9})
+    assert small_gone[16:18, 16:18, 16:18].sum() == 0 and (small_gone[7:9, 7:9, 7:9] == 3).all()
+    largest = postprocess(labels, None, {"largest_only": True})
+    assert (largest > 0).sum() == 7**3
+    assert np.array_equal(postprocess(labels, brain, {}), labels)
+    with pytest.raises(ConfigError, match="unknown key"):
+        postprocess(labels, brain, {"min_sise": 3})
+    d = region_dice(largest, labels)
+    assert d["et"] == 1.0 and 0.9 < d["wt"] < 1.0
+
+
+def test_choose_postprocess_keeps_what_helps_on_validation():
+    truth = np.zeros((20, 20, 20), np.int64)
+    truth[5:12, 5:12, 5:12] = 2
+    pred = truth.copy()
+    pred[0, :, :] = 2  # false positives along the skull edge, outside the brain
+    brain = np.ones_like(truth, bool)
+    brain[0] = False
+    spec, table = choose_postprocess([pred], [truth], [brain], [{}, {"brain_only": True}])
+    assert spec["brain_only"] is True and table[1]["wt"] == 1.0 > table[0]["wt"]
+    # nothing to remove: ties go to the simpler (first) candidate
+    spec, _ = choose_postprocess([truth], [truth], [brain], [{}, {"brain_only": True}])
+    assert spec["brain_only"] is False
+
+
+TINY_XRAY_CV = [
+    "experiment=xray",
+    "data.synthetic.n_patients=15",
+    "data.synthetic.images_per_patient=3",
+    "data.synthetic.image_size=32",
+    "data.cache.enabled=false",
+    "cv.xray.n_folds=3",
+    "cv.xray.image_size=16",
+    "cv.xray.width=4",
+    "cv.xray.epochs=2",
+    "cv.xray.seeds=[0]",
+    "cv.xray.min_positives=1",
+    "cv.xray.baseline_c=[0.1]",
+    "cv.bootstrap=20",
+]
+
+
+def test_xray_cross_validation_is_patient_grouped_and_merges(tmp_path: Path):
+    """Folds partition the patients; each fold's inner validation holds none of its held-out patients;
+    two runs over complementary folds merge into the report of the whole."""
+    report = cross_validate(compose("cross_validate", *TINY_XRAY_CV, root=tmp_path))
+    run = tmp_path / "run"
+    pred = pd.read_csv(run / "cv_predictions.csv", dtype={"patient_id": str})
+    n = report["n_images"]
+    assert len(pred) == n > 30 and len(report["per_fold"]) == 3
+    assert (pred.groupby("patient_id")["fold"].nunique() == 1).all()  # a patient in exactly one fold
+    for row in report["per_fold"]:
+        held_out = set(pred.loc[pred.fold == row["fold"], "patient_id"])
+        assert held_out and not held_out & set(row["inner_val_patients"])
+        assert row["n_train"] + row["n_inner_val"] + row["n_test"] == n
+    assert 0.0 <= report["pooled_auc_model"] <= 1.0 and 0.0 <= report["pooled_auc_pixel_lr"] <= 1.0
+    pc = report["paired_mean_auc_difference"]
+    assert pc["value"] == pytest.approx(report["pooled_auc_model"] - report["pooled_auc_pixel_lr"])
+    assert pc["n_patients"] == 15 and 0.0 <= pc["p_two_sided"] <= 1.0
+    assert "| label | positives |" in (run / "cv_report.md").read_text()
+
+    parts = []
+    for name, folds in (("a", "[0]"), ("b", "[1,2]")):
+        cross_validate(compose("cross_validate", *TINY_XRAY_CV, f"cv.folds={folds}", root=tmp_path / name))
+        parts.append(str(tmp_path / name / "run"))
+    merged = cross_validate(compose("cross_validate", *TINY_XRAY_CV, f"cv.merge=[{','.join(parts)}]",
+                                    root=tmp_path / "m"))  # fmt: skip
+    assert merged["pooled_auc_pixel_lr"] == pytest.approx(report["pooled_auc_pixel_lr"])
+    assert merged["pooled_auc_model"] == pytest.approx(report["pooled_auc_model"])
+    with pytest.raises(Exception, match="share folds"):
+        cross_validate(compose("cross_validate", *TINY_XRAY_CV, f"cv.merge=[{parts[0]},{parts[0]}]",
+                               root=tmp_path / "m2"))  # fmt: skip
+
+
+TINY_MRI_CV = [
+    "experiment=mri",
+    "data.source.generator.n_cases=3",
+    "data.source.generator.shape=[40,40,24]",
+    "cv.mri.steps=2",
+    "cv.mri.batch_size=2",
+    "cv.mri.patch=[32,32]",
+    "cv.mri.net.channels=[4,8]",
+    "cv.mri.net.strides=[2]",
+    "cv.mri.flair_grid=[1.0,1.5]",
+    "cv.bootstrap=20",
+]
+
+
+def test_mri_leave_one_patient_out_against_flair(tmp_path: Path):
+    report = cross_validate(compose("cross_validate", *TINY_MRI_CV, root=tmp_path))
+    rows = report["per_fold"]
+    assert [r["fold"] for r in rows] == [0, 1, 2]
+    assert len({r["case_id"] for r in rows}) == 3  # each patient held out once
+    for r in rows:
+        assert r["case_id"] not in r["train_cases"] and len(r["train_cases"]) == 2
+        assert r["flair_threshold"] in (1.0, 1.5)
+        assert all(0.0 <= r["dice_model"][k] <= 1.0 for k in ("wt", "tc", "et"))
+        assert set(r["postprocess"]) == {"brain_only", "min_size", "largest_only"}
+    pc = report["paired_wt_dice"]
+    assert pc["n_cases"] == 3 and "p_value" in pc["wilcoxon"]
+    assert report["objective"] == pytest.approx(np.mean([r["dice_model"]["wt"] for r in rows]))
+    saved = json.loads((tmp_path / "run" / "cv_report.json").read_text())
+    assert saved["folds_model_better_wt"] == report["folds_model_better_wt"]
+    assert "WT FLAIR" in (tmp_path / "run" / "cv_report.md").read_text()
+    with pytest.raises(ConfigError, match="cv.mri"):
+        cross_validate(compose("cross_validate", *TINY_MRI_CV, "+cv.mri.stepz=3", root=tmp_path / "bad"))
