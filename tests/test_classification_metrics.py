@@ -100,3 +100,19 @@ def test_ranks_agree_on_the_whole_epoch_under_ddp() -> None:
         aucs, op = out[rank]
         np.testing.assert_allclose(aucs, expected, atol=1e-12)
         assert op == whole.operating_point(0.5, 0.9, label=0)
+
+
+def test_scores_outside_unit_interval_keep_their_units_and_order():
+    """A baseline score in mm (or a logit) is not squashed: torchmetrics would apply a sigmoid to it, which
+    saturates large values into ties and returns thresholds in sigmoid space."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    mm = rng.normal(10, 5, 300) + 8 * y
+    mm[:5], mm[5:10] = 80.0, 90.0  # sigmoid(80) == sigmoid(90) == 1.0 in float64
+    assert per_label_auroc(mm[:, None], y[:, None])[0] == pytest.approx(roc_auc_score(y, mm), abs=1e-12)
+    target = threshold_for_sensitivity(mm, y, 0.9)
+    assert target["threshold"] in set(mm.tolist())
+    assert target["sensitivity"] == pytest.approx((mm[y == 1] >= target["threshold"]).mean())
+    (at,) = operating_points(mm, y, [15.0])
+    assert at["sensitivity"] == pytest.approx((mm[y == 1] >= 15.0).mean())
+    assert at["specificity"] == pytest.approx((mm[y == 0] < 15.0).mean())

@@ -45,6 +45,25 @@ def mean_defined(values: Sequence[float]) -> float:
     return sum(defined) / len(defined) if defined else math.nan
 
 
+def _exact_roc(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchmetrics' `binary_roc` with thresholds in the scores' own units, whatever their range.
+
+    torchmetrics applies a sigmoid to scores outside [0, 1] (logits, or a baseline such as a diameter in mm):
+    the curve keeps its order, but its thresholds come back in sigmoid space and large scores saturate into
+    ties. Such scores go in as their ranks scaled into (0, 1] and the thresholds are mapped back; the extra
+    first threshold (no case positive) becomes +inf.
+    """
+    if scores.numel() == 0 or bool(((scores >= 0) & (scores <= 1)).all()):
+        return binary_roc(scores, target, thresholds=None)
+    values, rank = torch.unique(scores.double(), sorted=True, return_inverse=True)
+    m = values.numel()
+    fpr, tpr, thr = binary_roc((rank.double() + 1) / m, target, thresholds=None)
+    index = torch.round(thr.double() * m).long().clamp(1, m) - 1
+    thr = values[index]
+    thr[0] = math.inf
+    return fpr, tpr, thr
+
+
 class LabelROC(Metric):
     """ROC per label over the known targets of an epoch; `auroc()` and `operating_point()` read it.
 
@@ -88,7 +107,7 @@ class LabelROC(Metric):
             warnings.filterwarnings("ignore", message=".*(positive|negative) samples in targets.*")
             for i in range(self.num_labels):
                 keep = target[:, i] != IGNORE_INDEX
-                curves.append(binary_roc(preds[keep, i], target[keep, i], thresholds=None))
+                curves.append(_exact_roc(preds[keep, i], target[keep, i]))
         return {"curves": curves, "positives": self.positives.cpu().clone(), "negatives": self.negatives.cpu().clone()}
 
     def _state(self) -> dict[str, Any]:
