@@ -10,9 +10,10 @@ if [ -z "${MEDENS_SAMPLES:-}" ] && [ -d ../shared/data ]; then
     MEDENS_SAMPLES=$(cd ../shared/data && pwd)
     export MEDENS_SAMPLES
 fi
-# one pytest worker per core when pytest-xdist is installed (MEDENS_TEST_WORKERS=0: one process); a file's
-# tests stay on one worker, so module fixtures are built once
-workers="${MEDENS_TEST_WORKERS:-auto}"
+# one process by default (what CI runs); MEDENS_TEST_WORKERS=auto (or N) runs pytest-xdist workers, a file's
+# tests on one worker so module fixtures are built once. Not the default yet: one xdist run hung in a test
+# that forked gloo ranks from the threaded worker (that test now spawns; others fork too)
+workers="${MEDENS_TEST_WORKERS:-0}"
 if [ "$workers" != 0 ] && .venv/bin/python -c "import xdist" 2>/dev/null; then
     set -- -n "$workers" --dist loadfile "$@"
 fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -91,8 +92,15 @@ def test_ranks_agree_on_the_whole_epoch_under_ddp() -> None:
     probs, targets = _data(2)
     probs, targets = probs[:-1], targets[:-1]  # 119 cases: ranks hold different numbers
     out = mp.Manager().dict()
-    # fork: the ranks start without re-importing torch (a real gloo group, two processes)
-    mp.start_processes(_rank, args=(2, _free_port(), probs, targets, out), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a rank forked from a threaded pytest worker (xdist) could inherit a held lock and hang
+    ctx = mp.start_processes(_rank, args=(2, _free_port(), probs, targets, out), nprocs=2, join=False,
+                             start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the two gloo ranks did not finish within 300 s")
     whole = LabelROC(3)
     whole.update(torch.from_numpy(probs), torch.from_numpy(targets))
     expected = whole.auroc().tolist()
