@@ -21,16 +21,16 @@ import argparse
 import json
 import math
 import multiprocessing as mp
-import platform
 import resource
 import shutil
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from medens.benchmarks.record import write_benchmark_result
 
 ROOT = Path(__file__).resolve().parents[2]
 VOLUME = (240, 240, 155)
@@ -229,21 +229,8 @@ def _options(p: argparse.ArgumentParser, name: str) -> None:
 def run(name: str, args: argparse.Namespace) -> Path:
     """Run benchmark `name` (`inference` or `cache`) and write `outputs/benchmarks/mri-<name>[-...].json`."""
     result = mri_inference(args) if name == "inference" else mri_cache(args)
-    result.update(
-        {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "cpus": mp.cpu_count(),
-            "machine": platform.processor() or platform.machine(),
-            "load_average_1m": round(__import__("os").getloadavg()[0], 2),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(json.dumps(result))
     suffix = f"-{args.net}" if name == "cache" else ""
-    path = out / f"mri-{name}{suffix}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_benchmark_result(args.out, f"mri-{name}{suffix}.json", result)
+    print(json.dumps(result))
     print(f"-> {path}")
     return path

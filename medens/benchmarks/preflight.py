@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
-from datetime import datetime, timezone
 from pathlib import Path
+
+from medens.benchmarks.record import write_benchmark_result
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
@@ -76,15 +75,8 @@ def run(args: argparse.Namespace) -> dict:
         "fraction_of_epoch": round(pre.get("total", 0) / epoch, 4) if epoch else None,
         "target": "< 0.02",
         "device": str(trainer.strategy.root_device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "preflight.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_benchmark_result(args.out, "preflight.json", result)
     print(json.dumps(result, indent=2))
     print(
         f"preflight {result['preflight_seconds']:.2f}s = {result['fraction_of_epoch']:.2%} of one epoch -> {path}"

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from medens.benchmarks.record import write_benchmark_result
 from medens.data.synthetic_xray import render_chest, sample_findings
 from medens.data.xray import IMAGENET_MEAN, IMAGENET_STD, NIH_LABELS
 from medens.models.xray import XRayClassifier, build_resnet, masked_bce_with_logits
@@ -144,17 +142,6 @@ def add_parsers(sub: Any) -> None:
 def run(args: argparse.Namespace) -> Path:
     """Run the benchmark and write `<out>/xray-throughput.json`."""
     result = xray_throughput(args)
-    result.update(
-        {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "xray-throughput.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_benchmark_result(args.out, "xray-throughput.json", result)
     print(f"ratio (medens/plain, median): {result['ratio_median']:.3f} -> {path}")
     return path
