@@ -10,10 +10,9 @@ if [ -z "${MEDENS_SAMPLES:-}" ] && [ -d ../shared/data ]; then
     MEDENS_SAMPLES=$(cd ../shared/data && pwd)
     export MEDENS_SAMPLES
 fi
-# one process by default (what CI runs); MEDENS_TEST_WORKERS=auto (or N) runs pytest-xdist workers, a file's
-# tests on one worker so module fixtures are built once. Not the default yet: one xdist run hung in a test
-# that forked gloo ranks from the threaded worker (that test now spawns; others fork too)
-workers="${MEDENS_TEST_WORKERS:-0}"
+# two pytest-xdist workers by default (a file's tests stay on one worker, so module fixtures are built once);
+# MEDENS_TEST_WORKERS=0 runs one process, =auto one worker per core
+workers="${MEDENS_TEST_WORKERS:-2}"
 if [ "$workers" != 0 ] && .venv/bin/python -c "import xdist" 2>/dev/null; then
     set -- -n "$workers" --dist loadfile "$@"
 fi

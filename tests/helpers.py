@@ -4,10 +4,17 @@ as a user would, and the comparisons several files make."""
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +28,9 @@ THREADS = {"OMP_NUM_THREADS": "1"}
 TINY_XRAY = [
     "model.net.arch=resnet18",
     "data.image_size=32",
-    "data.synthetic.n_patients=16",
-    "data.synthetic.images_per_patient=2",
-    "data.synthetic.image_size=48",
+    "data.source.generator.n_patients=16",
+    "data.source.generator.images_per_patient=2",
+    "data.source.generator.image_size=48",
     "data.batch_size=8",
     "trainer.accelerator=cpu",
     "trainer.enable_progress_bar=false",
@@ -91,17 +98,89 @@ def copy_root(src: Path, dst: Path) -> Path:
     return dst
 
 
-def run_cli(script: str, *args: str, root: Path, timeout: int = 600, env: dict | None = None):
-    """Run `python scripts/<script> args...` as a user would, with MEDENS_ROOT=root."""
+class _ForkServer:
+    """The client of tests/cli_zygote.py: CLI runs forked from one interpreter that already imported the stack."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.busy = threading.Lock()
+
+    def _start(self) -> bool:
+        if self.proc is not None and self.proc.poll() is None:
+            return True
+        self.proc = subprocess.Popen(
+            [PYTHON, str(ROOT / "tests" / "cli_zygote.py")], cwd=ROOT, text=True, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        if self.proc.stdout.readline().strip() != "ready":
+            self.stop()
+            return False
+        atexit.register(self.stop)
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc = None
+
+    def _answer(self, deadline: float | None) -> dict | None:
+        """The server's next JSON line, or None when `deadline` (time.monotonic) passes first."""
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            return None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the CLI fork server ended unexpectedly")
+        return json.loads(line)
+
+    def run(self, cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess | None:
+        """`cmd` forked from the server, like `subprocess.run(capture_output=True, text=True)`; None: not possible
+        now (another thread's run is in flight, or the server cannot start), so the caller starts a fresh one."""
+        if not self.busy.acquire(blocking=False):
+            return None
+        try:
+            if not self._start():
+                return None
+            with tempfile.TemporaryDirectory(prefix="medens-cli-") as tmp:
+                out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+                request = {"script": cmd[1], "args": cmd[2:], "cwd": str(cwd), "env": env,
+                           "stdout": str(out), "stderr": str(err)}  # fmt: skip
+                self.proc.stdin.write(json.dumps(request) + "\n")
+                self.proc.stdin.flush()
+                pid = self._answer(time.monotonic() + 60)["pid"]
+                done = self._answer(time.monotonic() + timeout)
+                if done is None:
+                    os.killpg(pid, signal.SIGKILL)
+                    self._answer(None)
+                    raise subprocess.TimeoutExpired(
+                        cmd, timeout, output=out.read_text(), stderr=err.read_text()
+                    )
+                return subprocess.CompletedProcess(cmd, done["returncode"], out.read_text(), err.read_text())
+        finally:
+            self.busy.release()
+
+
+_FORK_SERVER = _ForkServer()
+
+
+def run_cli(
+    script: str, *args: str, root: Path, timeout: int = 600, env: dict | None = None, fresh: bool = False
+):
+    """Run `python scripts/<script> args...` as a user would, with MEDENS_ROOT=root.
+
+    Forked from tests/cli_zygote.py (the imports done once per test session) unless `fresh`, or
+    MEDENS_TEST_FRESH_CLI=1, asks for a new interpreter: only a test of what happens while importing needs one."""
     full_env = {**os.environ, "MEDENS_ROOT": str(root), "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [PYTHON, str(ROOT / "scripts" / script), *args],
-        cwd=root,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    cmd = [PYTHON, str(ROOT / "scripts" / script), *args]
+    if not fresh and os.environ.get("MEDENS_TEST_FRESH_CLI") != "1":
+        proc = _FORK_SERVER.run(cmd, cwd=root, env=full_env, timeout=timeout)
+        if proc is not None:
+            return proc
+    return subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def cli_ok(proc) -> str:

@@ -28,7 +28,7 @@ def _train(root: Path, *overrides: str):
 @pytest.fixture(scope="module")
 def resnet50_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("r50")
-    _train(root, "model.net.arch=resnet50", "trainer.max_epochs=1", "data.synthetic.n_patients=8", "test=false")
+    _train(root, "model.net.arch=resnet50", "trainer.max_epochs=1", "data.source.generator.n_patients=8", "test=false")
     return root / "saved_models" / "xray"
 
 
@@ -41,6 +41,7 @@ def resnet18_run(tmp_path_factory):
     return root / "saved_models" / "xray", metrics
 
 
+@pytest.mark.slow
 def test_plain_pytorch_loads_resnet50_weights(resnet50_run):
     path = resnet50_run / "resnet50_best.pth"
     ckpt = torch.load(path, weights_only=True)
@@ -55,6 +56,7 @@ def test_plain_pytorch_loads_resnet50_weights(resnet50_run):
     assert ckpt["epoch"] == 1 and ckpt["best_metric"] == pytest.approx(ckpt["val_auc"])
 
 
+@pytest.mark.slow
 def test_wrong_architecture_lists_keys_and_strict_false_loads_what_matches(resnet50_run):
     path = resnet50_run / "resnet50_best.pth"
     net = torchvision.models.resnet18(num_classes=14)
@@ -74,6 +76,7 @@ class Payload:
     """An arbitrary pickled object: medens' loader must refuse to unpickle it."""
 
 
+@pytest.mark.slow
 def test_loader_is_weights_only_and_names_bad_files(tmp_path, resnet18_run):
     evil = tmp_path / "evil.pth"
     torch.save({"model_state_dict": {}, "x": Payload()}, evil)
@@ -106,6 +109,7 @@ def test_atomic_save_keeps_previous_file_on_crash(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_best.pth"]
 
 
+@pytest.mark.slow
 def test_layout_periodic_keeps_newest_three_and_history(resnet18_run):
     folder, metrics = resnet18_run
     names = sorted(p.name for p in folder.iterdir())

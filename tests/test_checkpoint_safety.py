@@ -294,6 +294,7 @@ def test_evaluate_cli_refuses_hostile_checkpoints(hostile):
         PATHS_TRIED.append(f"{name} x evaluate CLI")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["xray", "ct", "mri"])
 def test_normal_checkpoints_of_each_modality_still_rebuild(modality: str, tmp_path: Path):
     small = {

@@ -225,6 +225,7 @@ def test_ckpt_from_another_modality_or_world_size_is_refused(compose_train, clea
 # ---------------------------------------------------------------------------------------------- GPU check
 
 
+@pytest.mark.slow
 def test_gpu_check_without_gpu_exits_cleanly(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh")], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": PYTHON})  # fmt: skip

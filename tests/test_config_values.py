@@ -36,7 +36,7 @@ BAD = [
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1: expected a number >= 0"),
     ("data.channels=abc", "data.channels='abc': expected an integer (XRayDataModule.channels)"),
     ("model.optimizer.weight_decay=-0.1", "model.optimizer.weight_decay=-0.1: expected a number >= 0"),
-    ("data.use_official_split=perhaps", "data.use_official_split='perhaps': expected true or false"),
+    ("data.source.use_official_split=perhaps", "data.source.use_official_split='perhaps': expected true or false"),
     ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: expected an integer >= 1"),
     ("callbacks.model_checkpoint_periodic.save_top_k=-5", "save_top_k=-5: expected an integer >= -1"),
     ("experiment=ct data.patch_size=0", "data.patch_size=0: expected an integer >= 1 or a list of them"),
@@ -61,6 +61,7 @@ def _nothing_written(root: Path) -> None:
     assert not (root / "data").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "message"), BAD, ids=[b[0] for b in BAD])
 def test_bad_value_is_refused_before_any_work(overrides: str, message: str, tmp_path: Path):
     from medens.training.train import train
@@ -84,6 +85,7 @@ def test_bad_value_is_refused_before_any_work(overrides: str, message: str, tmp_
         ["trainer.limit_train_batches=0.25"], ["trainer.limit_train_batches=3"], *[[o] for o in TINY_XRAY],
     ],  # fmt: skip
 )
+@pytest.mark.slow
 def test_valid_configs_pass(overrides: list[str], tmp_path: Path):
     validate_config(_compose(tmp_path, *overrides))
 

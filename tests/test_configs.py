@@ -19,6 +19,7 @@ from tests.helpers import CONF, TINY_XRAY
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_validates(compose_train, experiment):
     cfg = compose_train(f"experiment={experiment}")

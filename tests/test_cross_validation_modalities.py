@@ -108,9 +108,9 @@ def test_choose_postprocess_keeps_what_helps_on_validation():
 
 TINY_XRAY_CV = [
     "experiment=xray",
-    "data.synthetic.n_patients=15",
-    "data.synthetic.images_per_patient=3",
-    "data.synthetic.image_size=32",
+    "data.source.generator.n_patients=15",
+    "data.source.generator.images_per_patient=3",
+    "data.source.generator.image_size=32",
     "data.cache.enabled=false",
     "cv.xray.n_folds=3",
     "cv.xray.image_size=16",
@@ -123,6 +123,7 @@ TINY_XRAY_CV = [
 ]
 
 
+@pytest.mark.slow
 def test_xray_cross_validation_is_patient_grouped_and_merges(tmp_path: Path):
     """Folds partition the patients; each fold's inner validation holds none of its held-out patients;
     two runs over complementary folds merge into the report of the whole."""
@@ -169,6 +170,7 @@ TINY_MRI_CV = [
 ]
 
 
+@pytest.mark.slow
 def test_mri_leave_one_patient_out_against_flair(tmp_path: Path):
     report = cross_validate(compose("cross_validate", *TINY_MRI_CV, root=tmp_path))
     rows = report["per_fold"]

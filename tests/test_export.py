@@ -258,6 +258,7 @@ class BatchDependent(nn.Module):
         return x * 2 + 1
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the point of BatchDependent
 def test_failed_verification_keeps_the_previous_export(tmp_path, monkeypatch):
     path = tmp_path / "model.pt"
@@ -299,6 +300,7 @@ class TwoInTwoOut(nn.Module):
         return torch.sigmoid(self.head(feats) + pooled.sum(1, keepdim=True)), pooled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", core.KINDS)
 def test_export_module_takes_several_inputs_and_outputs(kind, tmp_path):
     torch.manual_seed(0)

@@ -173,6 +173,7 @@ def test_unreachable_server_fails_fast_and_writes_nothing(best: Path, monkeypatc
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the environment is restored
 
 
+@pytest.mark.slow
 def test_failed_registration_rolls_back(best: Path, tmp_path: Path, monkeypatch):
     uri = sqlite_uri(tmp_path / "outputs" / "mlflow.db")
     registry = MlflowRegistry(tracking_uri=uri)
@@ -195,6 +196,7 @@ def test_failed_registration_rolls_back(best: Path, tmp_path: Path, monkeypatch)
     assert ok.registry["model_version"] == "1"
 
 
+@pytest.mark.slow
 def test_failed_metadata_write_removes_registration(best: Path, tmp_path: Path, monkeypatch):
     uri = sqlite_uri(tmp_path / "outputs" / "mlflow.db")
 

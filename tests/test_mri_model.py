@@ -66,6 +66,7 @@ def test_default_experiment_is_the_seed_size_unet(tmp_path):
     assert isinstance(instantiate(cfg.model.loss), DiceCELoss)
 
 
+@pytest.mark.slow
 def test_layout_history_and_logged_metrics(tiny_run):
     folder, metrics = tiny_run
     names = sorted(p.name for p in folder.iterdir())

@@ -206,6 +206,7 @@ def _wait_for_upload(client, bucket: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_server_stopping_mid_upload_publishes_nothing_and_repush_works(s3, bucket, tmp_path):
     """The endpoint dies while the parts of a large checkpoint are going up (a proxy in front of the
     server is cut, so the server's state survives to be inspected): nothing is listed, re-push works."""

@@ -124,6 +124,7 @@ class _SeeBatch(pl.Callback):
         self.val.append(batch["image"])
 
 
+@pytest.mark.slow
 def test_training_batches_are_augmented_after_transfer_and_validation_is_not(nih, tmp_path):
     import functools
 

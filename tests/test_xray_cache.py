@@ -38,6 +38,7 @@ def _folders(cache_dir: Path) -> list[Path]:
     return sorted(p for p in cache_dir.glob("xray-*") if p.is_dir())
 
 
+@pytest.mark.slow
 def test_cache_is_built_once_and_holds_the_decoded_resized_images(nih, tmp_path, caplog):
     cache_dir = tmp_path / "cache"
     caplog.set_level(logging.INFO, logger="medens.data.xray_cache")

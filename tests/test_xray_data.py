@@ -14,6 +14,7 @@ from PIL import Image
 from medens.data.medmnist import MedMNISTDataModule, read_medmnist
 from medens.data.synthetic_xray import CO_OCCURRENCE, ensure_synthetic_nih, generate_synthetic_nih
 from medens.data.xray import NIH_LABELS, XRayDataModule, load_xray_image, parse_finding_labels, read_nih_table
+from medens.data.xray_readers import NIHReader
 from medens.errors import DataError
 
 
@@ -104,7 +105,7 @@ def test_official_split_lists_are_used(tmp_path):
 
 def test_view_filter(tmp_path):
     write_nih(tmp_path, _many_rows())
-    dm = XRayDataModule(root=str(tmp_path), image_size=32, view_positions=["PA"], seed=0)
+    dm = XRayDataModule(root=str(tmp_path), image_size=32, source=NIHReader(view_positions=["PA"]), seed=0)
     dm.setup()
     assert sum(len(d) for d in dm.datasets.values()) == 12  # k == 1 of 3 per patient
 

@@ -52,6 +52,7 @@ def _fit(tmp_path, delay: float, step: float, name: str) -> list[dict]:
     return json.loads(history.read_text())["epochs"]
 
 
+@pytest.mark.slow
 def test_slow_loader_is_measured_written_and_warned_about_once(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="medens.callbacks.data_wait")
     slow = _fit(tmp_path, delay=0.02, step=0.005, name="slow")  # ~80 ms fetch vs 5 ms step per batch

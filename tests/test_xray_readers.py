@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import hydra.utils
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from medens.checkpoint.safe_build import target_refusal
+from medens.data.reader import upgrade_legacy_data_config
 from medens.data.synthetic_xray import ensure_synthetic_nih
 from medens.data.xray import NIH_LABELS, XRayDataModule
 from medens.data.xray_readers import (
@@ -27,6 +29,7 @@ from medens.data.xray_readers import (
     XRayCases,
     XRayReader,
     build_xray_reader,
+    upgrade_legacy_config,
 )  # fmt: skip
 from medens.errors import ConfigError, DataError
 
@@ -62,8 +65,13 @@ def test_nih_reader_lists_cases_with_patients_and_the_official_split(nih):
 
 
 def test_datamodule_from_a_reader_config_equals_the_nih_keys(nih, tmp_path):
+    """An old flat config (NIH keys beside the datamodule's, as older checkpoints and run folders hold
+    it) upgraded to the reader form gives the same cases and pixels as the reader config itself."""
     cache = {"enabled": True, "dir": str(tmp_path / "cache"), "workers": 1, "progress": False}
-    by_keys = XRayDataModule(str(nih), image_size=32, view_positions=["PA"], seed=0, cache=cache)
+    flat = {"_target_": "medens.data.xray.XRayDataModule", "root": str(nih), "source": None, "image_size": 32,
+            "view_positions": ["PA"], "image_dir": "images", "csv": None, "use_official_split": True, "seed": 0,
+            "cache": cache}  # fmt: skip
+    by_keys = hydra.utils.instantiate(upgrade_legacy_data_config(flat))
     by_source = XRayDataModule(str(nih), image_size=32, seed=0, cache=cache,
                                source={"_target_": "medens.data.xray_readers.NIHReader", "view_positions": ["PA"]})
     by_keys.setup()
@@ -71,8 +79,34 @@ def test_datamodule_from_a_reader_config_equals_the_nih_keys(nih, tmp_path):
     for split in ("train", "val", "test"):
         assert by_keys.datasets[split].ids == by_source.datasets[split].ids
     assert {int(p) for p in by_source.datasets["test"].patient_ids} <= {1, 2, 3}  # the official test list
-    assert by_source.describe()["source"] == "nih" and by_source.view_positions == ["PA"]
+    assert by_source.describe()["source"] == "nih" and by_source.reader.view_positions == ["PA"]
     torch.testing.assert_close(by_keys.datasets["val"][0]["image"], by_source.datasets["val"][0]["image"])
+
+
+def test_old_flat_xray_configs_upgrade_to_the_reader_they_meant(tmp_path):
+    dm = "medens.data.xray.XRayDataModule"
+    gen = {"n_patients": 100, "images_per_patient": 3, "image_size": 256, "seed": 0}
+    old_default = {"_target_": dm, "root": "r", "source": None, "image_dir": "images", "csv": None,
+                   "view_positions": None, "use_official_split": True, "synthetic": gen, "generate_if_missing": True}  # fmt: skip
+    new = upgrade_legacy_config(old_default)
+    assert new == {"_target_": dm, "root": "r", "source": {
+        "_target_": "medens.data.xray_readers.SyntheticNIHReader", "image_dir": "images", "csv": None,
+        "view_positions": None, "use_official_split": True, "generator": gen, "generate_if_missing": True}}  # fmt: skip
+    assert build_xray_reader(new["source"]) == SyntheticNIHReader(generator=gen)  # what the old datamodule built
+    assert upgrade_legacy_config(new) == new and upgrade_legacy_data_config(new) == new  # already upgraded
+    real = upgrade_legacy_config({"_target_": dm, "csv": "labels.csv", "synthetic": None, "generate_if_missing": False})
+    assert build_xray_reader(real["source"]) == NIHReader(csv="labels.csv")
+    medmnist = {"_target_": "medens.data.xray_readers.MedMNISTReader", "path": "c.npz"}  # NIH keys were ignored
+    assert upgrade_legacy_config({"_target_": dm, "source": medmnist, "image_dir": "images"})["source"] == medmnist
+    ct = {"_target_": "medens.data.ct.CTDataModule", "source": "voi", "image_dir": "image"}
+    assert upgrade_legacy_config(ct) == ct  # another modality's keys: not X-ray's to move
+
+    from medens.evaluation.external import merge_data_config  # what evaluation reads back from a checkpoint
+
+    ckpt = {"hyperparameters": {"data": {**old_default, "root": str(tmp_path)}}}
+    merged = merge_data_config(ckpt, {"root": str(tmp_path / "other")}, "x.pth", "all")
+    assert "synthetic" not in merged and merged.source.generator.n_patients == 100
+    assert merged.source.generate_if_missing is False  # another folder is never overwritten by the generator
 
 
 def test_medmnist_through_the_xray_datamodule(tmp_path):

@@ -77,6 +77,7 @@ def test_torn_cached_file_is_a_clear_error(torch_home):
         build_resnet("resnet18", weights="IMAGENET1K_V1")
 
 
+@pytest.mark.slow
 def test_checkpoint_io_contract_records_the_weights_preprocessing(torch_home, tmp_path):
     _place_weights(torch_home)
     root = ensure_synthetic_nih(tmp_path / "nih", n_patients=8, images_per_patient=2, image_size=40)
@@ -110,7 +111,7 @@ def test_xray_nih_experiment_defaults(compose_train):
     validate_config(cfg)
     assert cfg.model.net.arch == "resnet50" and cfg.model.net.weights == "IMAGENET1K_V2"
     assert cfg.data.image_size == 224 and cfg.data.cache.enabled and cfg.data.cache.size is None
-    assert cfg.data.use_official_split and cfg.data.missing_images == "error"
+    assert cfg.data.source.use_official_split and cfg.data.missing_images == "error"
     expected_workers = min(16, len(os.sched_getaffinity(0)))
     assert cfg.data.num_workers == expected_workers
     gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()

@@ -78,3 +78,13 @@ def build_reader_of(source: Any, base: type[R], readers: Mapping[str, type[R]], 
         except TypeError as exc:
             raise ConfigError(f"data.source ({target}): {exc}") from exc
     raise ConfigError(f"data.source must be a reader, a short name or a _target_ config, got {source!r}")
+
+
+def upgrade_legacy_data_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A recorded data config (a checkpoint's ``hyperparameters.data``, a run folder's) in today's reader form:
+    the flat keys that older CT and X-ray configs held beside the datamodule's move under ``data.source``.
+    A config already in the reader form, or of another datamodule, comes back as a plain dict, unchanged."""
+    from medens.data.ct.readers import upgrade_legacy_config as upgrade_ct
+    from medens.data.xray_readers import upgrade_legacy_config as upgrade_xray
+
+    return upgrade_xray(upgrade_ct(data))

@@ -34,7 +34,6 @@ from medens.data.xray_readers import (
     TARGETS,
     MedMNISTReader,
     NIHReader,
-    SyntheticNIHReader,
     XRayReader,
     build_xray_reader,
 )
@@ -269,26 +268,21 @@ class XRayDataModule(pl.LightningDataModule):
 
     The reader (medens/data/xray_readers.py) knows the on-disk layout; this class only caches (the
     decoded-image cache, for readers with image files), splits (the source's official split, else by
-    patient) and loads. `source` is a reader, its `{_target_: ...}` config or a short name; left at None,
-    the NIH reader is built from the NIH keys `image_dir`, `csv`, `view_positions`, `use_official_split`
-    (and `synthetic` + `generate_if_missing`: the embedded synthetic NIH set, generated on first use),
-    which is what every config and checkpoint written before readers existed says.
+    patient) and loads. `source` is a reader, its `{_target_: ...}` config (conf/data/source/xray_*.yaml)
+    or a short name; None is NIH ChestX-ray14 at `root` with the reader's defaults. Configs written before
+    readers (NIH keys beside these) go through `medens.data.xray_readers.upgrade_legacy_config` first.
     """
 
     def __init__(
         self,
         root: str,
         source: XRayReader | str | Mapping[str, Any] | None = None,
-        image_dir: str = "images",
-        csv: str | None = None,
         labels: Sequence[str] = NIH_LABELS,
         image_size: int = 224,
         channels: int = 3,
         normalize: str = "imagenet",
-        view_positions: Sequence[str] | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
-        use_official_split: bool = True,
         seed: int = 0,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
@@ -298,8 +292,6 @@ class XRayDataModule(pl.LightningDataModule):
         verify_images: bool = False,
         max_images: int | None = None,
         train_augment: Sequence[Any] | None = None,
-        synthetic: dict[str, Any] | None = None,
-        generate_if_missing: bool = False,
         cache: dict[str, Any] | bool | None = None,
         augment_on: Literal["device", "loader"] = "loader",
     ) -> None:
@@ -310,15 +302,7 @@ class XRayDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.augment_on={augment_on!r}: must be 'device' (batched, after the transfer) or "
                               "'loader' (per image in the DataLoader workers)")  # fmt: skip
         self.root = Path(root)
-        if source is None:
-            nih = dict(image_dir=image_dir, csv=csv, view_positions=view_positions,
-                       use_official_split=use_official_split)  # fmt: skip
-            self.reader: XRayReader = (
-                SyntheticNIHReader(**nih, generator=dict(synthetic), generate_if_missing=generate_if_missing)
-                if synthetic else NIHReader(**nih)
-            )
-        else:
-            self.reader = build_xray_reader(source)
+        self.reader: XRayReader = NIHReader() if source is None else build_xray_reader(source)
         self._default_labels = tuple(labels)
         self._labels: tuple[str, ...] | None = None
         self.image_size = image_size
@@ -345,23 +329,6 @@ class XRayDataModule(pl.LightningDataModule):
         self.cache: XRayCache | None = None
         self.datasets: dict[str, XRayDataset] = {}
         self.skipped: list[str] = []
-
-    # NIH folder settings, read by evaluation and cross-validation (None for other readers)
-    @property
-    def image_dir(self) -> str | None:
-        return getattr(self.reader, "image_dir", None)
-
-    @property
-    def csv(self) -> str | None:
-        return getattr(self.reader, "csv", None)
-
-    @property
-    def view_positions(self) -> list[str] | None:
-        return getattr(self.reader, "view_positions", None)
-
-    @property
-    def use_official_split(self) -> bool:
-        return bool(getattr(self.reader, "use_official_split", True))
 
     # -- preparation ------------------------------------------------------------------------------
     def prepare_data(self) -> None:

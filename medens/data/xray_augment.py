@@ -163,6 +163,26 @@ class BatchAugment:
         flip = torch.stack([1 - 2 * p[:, 9], 1 - 2 * p[:, 10]], -1)  # flips act on the input side
         return theta * flip[:, :, None]
 
+    def _jitter(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """ColorJitter's brightness and contrast on a fresh float batch in [0, 1] (modified in place).
+
+        Both are torchvision's blend `clamp(k * y + (1 - k) * ref, 0, 1)` (brightness: ref 0; contrast: ref the
+        image mean), in each item's own random order; done as two per-item blends over the whole batch, not a
+        gather and scatter per order: on a CPU "device" that halves the cost (~10 passes over the batch to ~5).
+        """
+        b = x.shape[0]
+        bright, contrast = p[:, 6].view(b, 1, 1, 1), p[:, 7].view(b, 1, 1, 1)
+        if not self.contrast:
+            return x.mul_(bright).clamp_(0, 1)
+        if not self.brightness:
+            return torch.addcmul((1 - contrast) * x.mean((1, 2, 3), keepdim=True), x, contrast).clamp_(0, 1)
+        first = (p[:, 8] > 0.5).view(b, 1, 1, 1)  # brightness first, then contrast
+        k1, k2 = torch.where(first, bright, contrast), torch.where(first, contrast, bright)
+        ref1 = torch.where(first, 0.0, (1 - contrast) * x.mean((1, 2, 3), keepdim=True))
+        x = torch.addcmul(ref1, x, k1).clamp_(0, 1)
+        ref2 = torch.where(first, (1 - contrast) * x.mean((1, 2, 3), keepdim=True), 0.0)
+        return torch.addcmul(ref2, x, k2).clamp_(0, 1)
+
     def __call__(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         """uint8 `[B, 1, H, W]` + parameters `[B, len(PARAM_NAMES)]` -> normalised float `[B, C, H, W]`."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 1:
@@ -179,28 +199,7 @@ class BatchAugment:
             else:
                 x = F.grid_sample(x, grid, mode=self.affine_mode, padding_mode="zeros", align_corners=False)
         if self.brightness or self.contrast:
-            bright, contrast = p[:, 6].view(b, 1, 1, 1), p[:, 7].view(b, 1, 1, 1)
-
-            def jitter_b(y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-                return (y * k).clamp_(0, 1)
-
-            def jitter_c(y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # torchvision: blend with the mean
-                mean = y.mean((1, 2, 3), keepdim=True)
-                return torch.lerp(mean, y, k).clamp_(0, 1)
-
-            if not self.contrast:
-                x = jitter_b(x, bright)
-            elif not self.brightness:
-                x = jitter_c(x, contrast)
-            else:  # ColorJitter applies its parts in a random order: each item in its own
-                first = p[:, 8] > 0.5
-                out = torch.empty_like(x)
-                for order, sel in ((True, first), (False, ~first)):
-                    idx = sel.nonzero().flatten()
-                    if idx.numel():
-                        y, kb, kc = x[idx], bright[idx], contrast[idx]
-                        out[idx] = jitter_c(jitter_b(y, kb), kc) if order else jitter_b(jitter_c(y, kc), kb)
-                x = out
+            x = self._jitter(x, p)
         if self.mean is not None and self.std is not None:  # (x - mean) / std, broadcast to the channels
             scale = 1.0 / torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
             shift = -torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1) * scale

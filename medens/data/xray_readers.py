@@ -1,7 +1,7 @@
 """One reader per chest X-ray source: the cases of a dataset, their pixels, and what the cache must notice.
 
 A reader knows one on-disk layout and nothing about caches, splits or loaders; `XRayDataModule` takes it as
-``data.source`` (a Hydra ``_target_``, ``conf/data/chestmnist.yaml``) or a short name of :data:`READERS`.
+``data.source`` (a Hydra ``_target_``, ``conf/data/source/xray_*.yaml``) or a short name of :data:`READERS`.
 Every reader has the same methods (the CT readers' shape, medens/data/ct/readers.py):
 
 - ``list_cases(root, labels, missing_images)``: one row per image with its patient id and multi-hot
@@ -11,7 +11,9 @@ Every reader has the same methods (the CT readers' shape, medens/data/ct/readers
 - ``image_folder(root)``: the folder of image files the decoded-image cache reads (None: the images are
   already decoded arrays in memory, nothing to cache).
 
-Adding a dataset is one reader class here (or in its own file) and one config file naming it.
+Adding a dataset is one reader class here (or in its own file) and one config file naming it
+(``conf/data/source/xray_*.yaml``). :func:`upgrade_legacy_config` turns the flat data config of older
+checkpoints and run folders (``image_dir``, ``synthetic``, ... beside the datamodule's keys) into this form.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from medens.data.reader import DatasetReader, build_reader_of, reader_class
+from medens.data.reader import DatasetReader, build_reader_of, plain_config, reader_class
 from medens.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -258,3 +260,28 @@ def build_xray_reader(source: XRayReader | str | Mapping[str, Any]) -> XRayReade
 
 def _reader_class(target: Any) -> type[XRayReader] | None:
     return reader_class(target, XRayReader)
+
+
+#: Keys of the X-ray data config before readers (checkpoints and run configs written with ``source: null``).
+LEGACY_KEYS = ("image_dir", "csv", "view_positions", "use_official_split", "synthetic", "generate_if_missing")
+
+
+def upgrade_legacy_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """An old flat X-ray data config (the NIH keys and ``synthetic`` beside ``source: null``) as the reader form
+    (``source: {_target_: ...NIHReader | ...SyntheticNIHReader, ...}``), so checkpoints and run folders
+    written before readers still evaluate on the same cases; any other config is returned as is (plain).
+
+    The old datamodule built ``SyntheticNIHReader(generator=synthetic, generate_if_missing=...)`` when
+    ``synthetic`` was set, else ``NIHReader``, and ignored the NIH keys when ``source`` was given."""
+    out = plain_config(data)
+    if not str(out.get("_target_", "")).endswith("XRayDataModule") or not any(k in out for k in LEGACY_KEYS):
+        return out
+    legacy = {k: out.pop(k) for k in LEGACY_KEYS if k in out}
+    if out.get("source") is not None:
+        return out
+    synthetic, generate = legacy.pop("synthetic", None), bool(legacy.pop("generate_if_missing", False))
+    cls: type[NIHReader] = SyntheticNIHReader if synthetic else NIHReader
+    out["source"] = {"_target_": f"{cls.__module__}.{cls.__qualname__}", **legacy}
+    if synthetic:
+        out["source"].update(generator=synthetic, generate_if_missing=generate)
+    return out

@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medens.data.splits import patient_kfold, patient_split
 from medens.data.xray import NIH_LABELS, find_label_csv, load_xray_image, read_nih_table
+from medens.data.xray_readers import NIHReader
 from medens.errors import ConfigError, DataError
 from medens.evaluation.baselines import fit_pixel_baseline, mean_auc
 from medens.evaluation.statistics import PatientBootstrap, delong_test, summarise_replicates, weighted_auc
@@ -224,8 +225,10 @@ def cross_validate_xray(cfg: DictConfig) -> dict[str, Any]:
     t0, c0 = time.perf_counter(), _cpu_seconds()
     dm = hydra.utils.instantiate(cfg.data, _convert_="all")
     dm.prepare_data()  # writes the synthetic set where the config asks for one; real data: nothing
-    df = load_images(Path(str(cfg.data.root)), str(cfg.data.get("image_dir", "images")), cfg.data.get("csv"),
-                     int(opts["image_size"]), opts["max_images"])  # fmt: skip
+    if not isinstance(dm.reader, NIHReader):
+        raise ConfigError(f"X-ray cross-validation reads the NIH layout (data/source=xray_nih or xray_synthetic); "
+                          f"data.source is the {dm.reader.name!r} reader")  # fmt: skip
+    df = load_images(dm.root, dm.reader.image_dir, dm.reader.csv, int(opts["image_size"]), opts["max_images"])
     x = np.stack(df["pixels"].to_list())
     y = np.stack(df["targets"].to_list()).astype(np.float32)
     pids = df["Patient ID"].astype(str).to_numpy()

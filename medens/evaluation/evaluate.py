@@ -26,7 +26,7 @@ from medens.checkpoint.safe_build import (
     safe_instantiate,
     validate_checkpoint,
 )
-from medens.data.ct.readers import upgrade_legacy_config
+from medens.data.reader import upgrade_legacy_data_config
 from medens.errors import CheckpointError, ConfigError
 from medens.evaluation.classification import (
     operating_points,
@@ -47,7 +47,7 @@ def build_from_checkpoint(
         raise CheckpointError(f"{path}: checkpoint has no model/data config in 'hyperparameters'")
     check_data_modality(hyper, data_cfg, path)
     model = rebuild_module(ckpt, path)
-    dm_cfg = data_cfg if data_cfg is not None else OmegaConf.create(upgrade_legacy_config(hyper["data"]))
+    dm_cfg = data_cfg if data_cfg is not None else OmegaConf.create(upgrade_legacy_data_config(hyper["data"]))
     if "generate_if_missing" in dm_cfg:
         with open_dict(dm_cfg):
             dm_cfg.generate_if_missing = bool(dm_cfg.generate_if_missing)

@@ -12,6 +12,7 @@ analyses group by.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,8 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import ConcatDataset, Dataset
 
-from medens.data.ct.readers import source_name, upgrade_legacy_config
+from medens.data.ct.readers import source_name
+from medens.data.reader import upgrade_legacy_data_config
 from medens.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,7 @@ def merge_data_config(
 
     Returns None when nothing was given and the split is a normal one (the caller's default path)."""
     hyper = ckpt.get("hyperparameters") or {}
-    own = OmegaConf.create(upgrade_legacy_config(hyper.get("data") or {}))  # a copy; old CT form upgraded
+    own = OmegaConf.create(upgrade_legacy_data_config(hyper.get("data") or {}))  # a copy; old CT/X-ray form upgraded
     given = without_case_table(given)  # a table for subgroups, read by the report, never by the datamodule
     if given is not None and not len(given):
         given = None
@@ -112,7 +114,7 @@ def merge_data_config(
                 if "generate_if_missing" in data_cfg:
                     data_cfg.generate_if_missing = False
                 if isinstance(data_cfg.get("source"), DictConfig) and "generate_if_missing" in data_cfg.source:
-                    data_cfg.source.generate_if_missing = False  # CT's synthetic reader
+                    data_cfg.source.generate_if_missing = False  # a synthetic reader (CT, X-ray, MRI)
                 if data_cfg.get("synthetic") is not None:
                     data_cfg.synthetic = None
                 if data_cfg.get("max_images") is not None:
@@ -143,13 +145,14 @@ def all_cases_dataset(dm: Any) -> Dataset:
 
         df = dm._table()
         tf = build_transforms(dm.image_size, dm.channels, dm.normalize, None)
-        image_root = dm.root / dm.image_dir
+        image_root = dm.reader.image_folder(dm.root)  # None: the reader decodes its own cases (MedMNIST)
         return XRayDataset(
-            [image_root / n for n in df["Image Index"]],
+            [image_root / n for n in df["Image Index"]] if image_root is not None else None,
             np.stack(df["targets"].to_list()),
             df["Image Index"].tolist(),
             df["Patient ID"].astype(str).tolist(),
             tf,
+            read=None if image_root is not None else functools.partial(dm.reader.read_case, dm.root),
         )
     if name == "CTDataModule":
         dm.setup("test")
@@ -259,7 +262,7 @@ def _own_case_attributes(dm: Any) -> pd.DataFrame:
     if name == "XRayDataModule":
         from medens.data.xray import find_label_csv
 
-        table = pd.read_csv(find_label_csv(dm.root, dm.csv), dtype={"Patient ID": str})
+        table = pd.read_csv(find_label_csv(dm.root, getattr(dm.reader, "csv", None)), dtype={"Patient ID": str})
         return table.drop_duplicates("Image Index").set_index("Image Index")
     if name == "CTDataModule":
         rows = {}

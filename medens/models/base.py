@@ -81,6 +81,16 @@ class MedensModule(pl.LightningModule):
         # Facts a model travels with (label order, channels, preprocessing); merged into hyperparameters.
         self.io_contract: dict[str, Any] = {}
 
+    def _eval_step(self, stage: str, batch: Any) -> None:
+        """One `stage` (val/test) batch: log its loss and update the stage's metric state (per subclass)."""
+        raise NotImplementedError(f"{type(self).__name__} does not evaluate batches")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
     def log_epoch_metrics(self, stage: str) -> None:
         """Log the `stage` (val/test) epoch's metrics; subclasses compute them from their torchmetrics."""
 

@@ -167,12 +167,6 @@ class CTClassifier(MedensModule):
         probs = self.predict_proba(x) if self.tta_flips else self.probability(logits)
         (self.val_roc if stage == "val" else self.test_roc).update(probs[:, 0], batch["label"].float())
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
     # ------------------------------------------------------------------ epoch metrics
     def log_epoch_metrics(self, stage: str) -> None:
         roc = self.val_roc if stage == "val" else self.test_roc

@@ -134,12 +134,6 @@ class MetaLearner(MedensModule):
             raise ConfigError("MetaLearner: evaluation before setup (the number of targets is set from the data)")
         roc.update(torch.sigmoid(logits), y)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
     def log_epoch_metrics(self, stage: str) -> None:
         roc = self.val_roc if stage == "val" else self.test_roc
         if roc is None or roc.update_count == 0:

@@ -136,19 +136,14 @@ class UNetSegmenter(MedensModule):
                  batch_size=batch["image"].shape[0])  # fmt: skip
         return loss
 
-    def _eval_step(self, batch: dict[str, Any], metrics: BraTSSegmentationMetrics, loss_mean: MeanMetric) -> None:
+    def _eval_step(self, stage: str, batch: dict[str, Any]) -> None:
+        metrics, loss_mean = (self.val_metrics, self.val_loss) if stage == "val" else (self.test_metrics, self.test_loss)
         batch = without_padding(batch)
         if batch is None or "label" not in batch:
             return
         logits = self.predict_logits(batch["image"])
         loss_mean.update(self.loss_fn(logits, batch["label"]).detach(), weight=batch["image"].shape[0])
         metrics.update(logits.argmax(dim=1), batch["label"], spacing=batch.get("spacing"))
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, self.val_loss)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, self.test_loss)
 
     def _log_epoch(self, stage: str, metrics: BraTSSegmentationMetrics, loss_mean: MeanMetric) -> None:
         # compute() is collective under DDP: every rank calls it, also one that saw no case

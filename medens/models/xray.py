@@ -266,12 +266,6 @@ class XRayClassifier(MedensModule):
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
         (self.val_roc if stage == "val" else self.test_roc).update(torch.sigmoid(logits.float()), batch["label"])
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("val", batch)
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._eval_step("test", batch)
-
     def log_epoch_metrics(self, stage: str) -> None:
         roc = self.val_roc if stage == "val" else self.test_roc
         if roc.update_count == 0:

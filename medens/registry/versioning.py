@@ -38,9 +38,9 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt")
 _ROLE = r"_best|_epoch_\d+"
 _VERSIONED_RE = re.compile(rf"^(?P<name>.+?)_v(?P<version>{SEMVER_PATTERN})(?P<role>{_ROLE})?$")
 _PLAIN_RE = re.compile(rf"^(?P<name>.+?)(?P<role>{_ROLE})?$")
-#: Data config keys that identify a dataset (whichever the datamodule has).
-_DATASET_KEYS = ("root", "path", "source", "csv", "manifest", "annotations", "label_preset", "modalities",
-                 "image_size", "spacing_mm", "view_positions", "use_official_split", "seed")  # fmt: skip
+#: Data config keys that identify a dataset (whichever the datamodule has; the reader's own under `source`).
+_DATASET_KEYS = ("root", "path", "source", "manifest", "annotations", "label_preset", "modalities",
+                 "image_size", "spacing_mm", "seed")  # fmt: skip
 _CHUNK = 1 << 20
 
 
@@ -203,9 +203,12 @@ def _atomic_write_json(path: Path, doc: dict[str, Any]) -> None:
 
 
 def _dataset(hyper: dict[str, Any]) -> dict[str, Any]:
+    from medens.data.reader import upgrade_legacy_data_config
+
     data = hyper.get("data") or {}
     if not isinstance(data, dict):
         return {"description": str(data)}
+    data = upgrade_legacy_data_config(data)  # older checkpoints: the reader's keys beside the datamodule's
     out: dict[str, Any] = {"datamodule": data.get("_target_")}
     out.update({k: data[k] for k in _DATASET_KEYS if data.get(k) is not None})
     return out

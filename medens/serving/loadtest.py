@@ -15,7 +15,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -23,11 +22,12 @@ import sys
 import threading
 import time
 import urllib.request
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from medens.benchmarks.record import write_benchmark_result
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -176,8 +176,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for b in dict.fromkeys(sizes)
     }
     largest = max(sizes)
-    import torch
-
     result = {
         "benchmark": "serve-load",
         "model": {k: info.get(k) for k in ("model_name", "export", "file", "sha256", "version", "optimized")},
@@ -189,16 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests_per_s_by_batch_size": mean_rps,
         "batching_speedup": round(mean_rps[largest] / mean_rps[1], 3) if mean_rps.get(1) else None,
         "zero_errors": all(r["errors"] == 0 for r in runs),
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(),
-        "load_average": os.getloadavg(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "serve-load.json"
-    path.write_text(json.dumps(result, indent=2))
+    path = write_benchmark_result(args.out, "serve-load.json", result)
     print(
         f"batching speed-up (max_batch_size={largest} vs 1, mean of runs): {result['batching_speedup']} -> {path}"
     )

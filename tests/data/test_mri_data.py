@@ -509,6 +509,7 @@ BAD_KINDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(BAD_KINDS))
 def test_bad_input_error_or_counted_skip(synth: Path, tmp_path: Path, kind: str) -> None:
     cid, fname = _break(synth, kind)
