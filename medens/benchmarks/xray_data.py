@@ -308,20 +308,11 @@ def xray_e2e(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(name: str, args: argparse.Namespace) -> Path:
     """Run `xray-data` or `xray-e2e` and write outputs/benchmarks/<name>.json."""
-    import platform
-    from datetime import datetime, timezone
+    from medens.benchmarks.record import write_benchmark_result
 
     result = xray_data(args) if name == "xray-data" else xray_e2e(args)
-    result.update(
-        augment_on=args.augment_on,
-        torch=torch.__version__, threads=torch.get_num_threads(), cpus=os.cpu_count(),
-        machine=platform.processor() or platform.machine(), load_average_1m=round(os.getloadavg()[0], 2),
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2))
+    result["augment_on"] = args.augment_on
+    path = write_benchmark_result(args.out, f"{name}.json", result)
     key = "ratio_cache_over_png" if name == "xray-data" else "ratio_median"
     print(f"{name}: {key} = {result[key]:.2f} -> {path}")
     return path

@@ -107,7 +107,8 @@ def xray_throughput(args: argparse.Namespace) -> dict:
         for fn in (first, second):
             (plain if fn is run_plain else medens).append(fn(batches, args.arch, args.warmup))
         print(f"plain {plain[-1]:.2f} img/s   medens {medens[-1]:.2f} img/s", flush=True)
-    result = {
+    ratios = [m / p for m, p in zip(medens, plain, strict=True)]
+    return {
         "benchmark": "xray-throughput",
         "arch": args.arch,
         "image_size": args.size,
@@ -120,12 +121,10 @@ def xray_throughput(args: argparse.Namespace) -> dict:
         "plain_median": float(np.median(plain)),
         "medens_median": float(np.median(medens)),
         "ratio_median": float(np.median(medens) / np.median(plain)),
-        "ratio_per_repeat": [m / p for m, p in zip(medens, plain, strict=True)],
+        "ratio_per_repeat": ratios,
         # each repeat's two runs are adjacent (ABBA): the median of their ratios is less swayed by load drift
-        "median_of_ratio_per_repeat": float(np.median([m / p for m, p in zip(medens, plain, strict=True)])),
-        "load_average_1m": round(__import__("os").getloadavg()[0], 2),
-    }
-    return result
+        "median_of_ratio_per_repeat": float(np.median(ratios)),
+    }  # the machine block, load average included, is added by write_benchmark_result when it is written
 
 
 def add_parsers(sub: Any) -> None:
