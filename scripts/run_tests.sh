@@ -10,10 +10,11 @@ if [ -z "${MEDENS_SAMPLES:-}" ] && [ -d ../shared/data ]; then
     MEDENS_SAMPLES=$(cd ../shared/data && pwd)
     export MEDENS_SAMPLES
 fi
-# two pytest-xdist workers by default (a file's tests stay on one worker, so module fixtures are built once);
+# two pytest-xdist workers by default (tests sharing a module or session fixture stay on one worker, so it is
+# built once; the others, slow first, go to whichever worker is free: tests/conftest.py);
 # MEDENS_TEST_WORKERS=0 runs one process, =auto one worker per core
 workers="${MEDENS_TEST_WORKERS:-2}"
 if [ "$workers" != 0 ] && .venv/bin/python -c "import xdist" 2>/dev/null; then
-    set -- -n "$workers" --dist loadfile "$@"
+    set -- -n "$workers" --dist loadgroup "$@"
 fi
 exec .venv/bin/python -m pytest "$@"

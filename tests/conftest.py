@@ -41,3 +41,43 @@ def compose_train(tmp_path: Path):
         return compose("train", *overrides, root=tmp_path)
 
     return _compose
+
+
+# -- scheduling on pytest-xdist workers (scripts/run_tests.sh: --dist loadgroup) --------------------------
+_CHEAP_SHARED_FIXTURES = {"samples_dir"}
+
+
+def _shared_fixture_group(item: pytest.Item) -> str | None:
+    """The xdist group of a test that shares an expensive fixture: a session fixture's tests run on one
+    worker (it is built once), a module fixture's on one worker per file. Other tests go wherever a worker
+    is free, so one long file no longer decides the suite's wall time."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    module_scoped = False
+    for name in sorted(info.names_closure):
+        defs = info.name2fixturedefs.get(name)
+        if not defs or name in _CHEAP_SHARED_FIXTURES:
+            continue
+        scope = defs[-1].scope
+        if scope == "session":
+            return f"session-{name}"
+        module_scoped = module_scoped or scope in ("package", "module", "class")
+    return f"module-{item.module.__name__}" if module_scoped and item.module is not None else None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Group tests that share an expensive fixture (above) and start the slow tests first: xdist hands out
+    work in collection order, and a long test picked up last is a long tail on one worker."""
+    unit_of: dict[str, str] = {}
+    slow_units: set[str] = set()
+    for item in items:
+        group = _shared_fixture_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+        unit_of[item.nodeid] = group or item.nodeid
+        if item.get_closest_marker("slow") is not None:
+            slow_units.add(unit_of[item.nodeid])
+    # stable: a group's tests keep their order and stay together (a module fixture is not built twice)
+    items.sort(key=lambda it: unit_of[it.nodeid] not in slow_units)

@@ -112,6 +112,27 @@ def test_unsupported_transform_or_setting_is_named(nih, tmp_path):
         XRayDataModule(str(nih), augment_on="gpu")
 
 
+@pytest.mark.parametrize("workers,train_augment,expected", [(2, AUG, "loader"), (0, AUG, "device"),
+                                                             (2, [{"_target_": "torchvision.transforms.v2.GaussianBlur",
+                                                                   "kernel_size": 3}], "loader")])  # fmt: skip
+def test_auto_augments_in_the_workers_on_a_cpu_and_after_the_transfer_otherwise(nih, tmp_path, workers,
+                                                                               train_augment, expected):  # fmt: skip
+    """auto: on a CPU with loader workers they augment beside the training step; without workers (or on an
+    accelerator) the batch is augmented after the transfer; a chain with no batched form stays in the loader."""
+    dm = XRayDataModule(str(nih), image_size=32, batch_size=4, val_fraction=0.2, test_fraction=0.2, seed=3,
+                        num_workers=workers, train_augment=train_augment, augment_on="auto",
+                        cache={"enabled": True, "dir": str(tmp_path / "cache"), "workers": 1, "progress": False})  # fmt: skip
+    dm.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    dm.setup("fit")
+    assert dm.io_contract()["train_augment_on"] == expected
+    item = dm.datasets["train"][0]
+    if expected == "device":
+        assert dm.batch_augment is not None and item["image"].dtype == torch.uint8 and "augment" in item
+    else:
+        assert dm.batch_augment is None and item["image"].dtype == torch.float32 and "augment" not in item
+        assert item["image"].shape == (3, 32, 32)
+
+
 class _SeeBatch(pl.Callback):
     def __init__(self) -> None:
         self.train: list[torch.Tensor] = []

@@ -34,7 +34,7 @@ class MedMNISTDataModule(XRayDataModule):
         num_workers: int = 0,
         seed: int = 0,
         train_augment: Sequence[Any] | None = None,
-        augment_on: Literal["device", "loader"] = "loader",
+        augment_on: Literal["auto", "device", "loader"] = "loader",
     ) -> None:
         self.path = Path(path)
         super().__init__(

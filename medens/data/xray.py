@@ -293,14 +293,14 @@ class XRayDataModule(pl.LightningDataModule):
         max_images: int | None = None,
         train_augment: Sequence[Any] | None = None,
         cache: dict[str, Any] | bool | None = None,
-        augment_on: Literal["device", "loader"] = "loader",
+        augment_on: Literal["auto", "device", "loader"] = "loader",
     ) -> None:
         super().__init__()
         if missing_images not in ("error", "skip"):
             raise ValueError(f"missing_images must be 'error' or 'skip', got {missing_images!r}")
-        if augment_on not in ("device", "loader"):
-            raise ConfigError(f"data.augment_on={augment_on!r}: must be 'device' (batched, after the transfer) or "
-                              "'loader' (per image in the DataLoader workers)")  # fmt: skip
+        if augment_on not in ("auto", "device", "loader"):
+            raise ConfigError(f"data.augment_on={augment_on!r}: must be 'device' (batched, after the transfer), "
+                              "'loader' (per image in the DataLoader workers) or 'auto'")  # fmt: skip
         self.root = Path(root)
         self.reader: XRayReader = NIHReader() if source is None else build_xray_reader(source)
         self._default_labels = tuple(labels)
@@ -320,11 +320,18 @@ class XRayDataModule(pl.LightningDataModule):
         self.max_images = max_images
         self.train_augment = [hydra.utils.instantiate(t) if _is_config(t) else t for t in (train_augment or [])]
         self.augment_on = augment_on
-        #: the batched training augmentation that `XRayClassifier.on_after_batch_transfer` applies
+        #: the batched training augmentation that `XRayClassifier.on_after_batch_transfer` applies; with
+        #: `auto` it is built here and kept or dropped in `setup`, once the trainer's device is known
         self.batch_augment: BatchAugment | None = None
-        if augment_on == "device":
+        if augment_on != "loader":
             mean, std = _norm_stats(normalize, channels)
-            self.batch_augment = BatchAugment.from_transforms(self.train_augment, channels, mean, std)
+            try:
+                self.batch_augment = BatchAugment.from_transforms(self.train_augment, channels, mean, std)
+            except ConfigError:
+                if augment_on == "device":
+                    raise
+                log.info("data.augment_on=auto: the training augmentation has no batched equivalent; "
+                         "it runs per image in the DataLoader")  # fmt: skip
         self.cache_settings = cache_settings(cache)
         self.cache: XRayCache | None = None
         self.datasets: dict[str, XRayDataset] = {}
@@ -363,7 +370,7 @@ class XRayDataModule(pl.LightningDataModule):
                 "std": list(IMAGENET_STD[: self.channels]) if self.normalize == "imagenet" else None,
             },
             # training only (inference never augments): where the random augmentation ran
-            "train_augment_on": self.augment_on,
+            "train_augment_on": self.resolved_augment_on(),
             "output": "logits, one per label (sigmoid for probabilities)",
         }
         if isinstance(self.reader, MedMNISTReader):
@@ -394,9 +401,23 @@ class XRayDataModule(pl.LightningDataModule):
         s = patient_split(patients, self.val_fraction, self.test_fraction, self.seed)
         return {k: np.asarray(v, dtype=int) for k, v in s.items()}
 
+    def resolved_augment_on(self) -> str:
+        """Where the training augmentation runs. `auto` picks `device` (batched, after the transfer) on an
+        accelerator or without loader workers, and `loader` when training runs on the CPU with workers:
+        there the workers augment in parallel with the training step instead of adding to it."""
+        if self.augment_on != "auto":
+            return self.augment_on
+        if self.batch_augment is None:
+            return "loader"
+        trainer = self.trainer
+        on_cpu = trainer is None or trainer.strategy.root_device.type == "cpu"
+        return "loader" if on_cpu and self.num_workers > 0 else "device"
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
+        if self.resolved_augment_on() == "loader":
+            self.batch_augment = None
         df = self._table()
         image_root = self.reader.image_folder(self.root)
         self.cache, rows = None, None
