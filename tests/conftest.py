@@ -57,8 +57,8 @@ def _shared_fixture_group(item: pytest.Item) -> str | None:
     module_scoped = False
     for name in sorted(info.names_closure):
         defs = info.name2fixturedefs.get(name)
-        if not defs or name in _CHEAP_SHARED_FIXTURES:
-            continue
+        if not defs or name in _CHEAP_SHARED_FIXTURES or not defs[-1].baseid:
+            continue  # pytest's and plugins' own fixtures (tmp_path_factory, ...) have no baseid
         scope = defs[-1].scope
         if scope == "session":
             return f"session-{name}"
