@@ -16,5 +16,9 @@ fi
 workers="${MEDENS_TEST_WORKERS:-2}"
 if [ "$workers" != 0 ] && .venv/bin/python -c "import xdist" 2>/dev/null; then
     set -- -n "$workers" --dist loadgroup "$@"
+    # one intra-op thread per worker: two workers of two threads each on two cores oversubscribe them, and
+    # OpenMP threads spin-wait for a descheduled peer (a tiny training step measured 0.2-0.35 s with one
+    # thread against 0.5-3.9 s with two, on a machine already busy)
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 exec .venv/bin/python -m pytest "$@"

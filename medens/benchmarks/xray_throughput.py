@@ -55,38 +55,48 @@ class _Batches(Dataset):
 
 
 class _StepTimer(pl.Callback):
+    """Each timed step's seconds, from one batch's start to the next one's (Lightning's work between
+    steps included), the last step to its end."""
+
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.t0, self.t1 = warmup, None, None
+        self.warmup, self.starts, self.t_end = warmup, [], None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        if batch_idx == self.warmup:
-            self.t0 = time.perf_counter()
+        if batch_idx >= self.warmup:
+            self.starts.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        self.t1 = time.perf_counter()
+        self.t_end = time.perf_counter()
+
+    def steps(self) -> list[float]:
+        marks = [*self.starts, self.t_end]
+        return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
 def _optimizer() -> functools.partial:
     return functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=1e-4)
 
 
-def run_plain(batches, arch: str, warmup: int) -> float:  # noqa: ANN001
+def run_plain(batches, arch: str, warmup: int) -> list[float]:  # noqa: ANN001
+    """Seconds of each timed step of a plain PyTorch loop."""
     torch.manual_seed(0)
     net = build_resnet(arch, num_classes=14)
     net.train()
     opt = _optimizer()(params=net.parameters())
-    t0 = None
+    marks = []
     for i, b in enumerate(batches):
-        if i == warmup:
-            t0 = time.perf_counter()
+        if i >= warmup:
+            marks.append(time.perf_counter())
         loss = masked_bce_with_logits(net(b["image"]), b["label"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return (len(batches) - warmup) * batches[0]["image"].shape[0] / (time.perf_counter() - t0)
+    marks.append(time.perf_counter())
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
-def run_medens(batches, arch: str, warmup: int) -> float:  # noqa: ANN001
+def run_medens(batches, arch: str, warmup: int) -> list[float]:  # noqa: ANN001
+    """Seconds of each timed step of the medens X-ray module under a Lightning Trainer."""
     torch.manual_seed(0)
     model = XRayClassifier(build_resnet(arch, num_classes=14), optimizer=_optimizer(), label_names=NIH_LABELS)
     timer = _StepTimer(warmup)
@@ -96,18 +106,23 @@ def run_medens(batches, arch: str, warmup: int) -> float:  # noqa: ANN001
     )  # fmt: skip
     loader = DataLoader(_Batches(batches), batch_size=None, shuffle=False)
     trainer.fit(model, train_dataloaders=loader)
-    return (len(batches) - warmup) * batches[0]["image"].shape[0] / (timer.t1 - timer.t0)
+    return timer.steps()
 
 
 def xray_throughput(args: argparse.Namespace) -> dict:
     batches = synthetic_batches(args.warmup + args.steps, args.batch, args.size)
-    plain, medens = [], []
+    plain_steps, medens_steps = [], []
     for r in range(args.repeats):  # ABBA order: drift in machine load does not favour either loop
         first, second = (run_plain, run_medens) if r % 2 == 0 else (run_medens, run_plain)
         for fn in (first, second):
-            (plain if fn is run_plain else medens).append(fn(batches, args.arch, args.warmup))
-        print(f"plain {plain[-1]:.2f} img/s   medens {medens[-1]:.2f} img/s", flush=True)
+            (plain_steps if fn is run_plain else medens_steps).append(fn(batches, args.arch, args.warmup))
+        print(f"plain {args.batch * len(plain_steps[-1]) / sum(plain_steps[-1]):.2f} img/s   "
+              f"medens {args.batch * len(medens_steps[-1]) / sum(medens_steps[-1]):.2f} img/s", flush=True)
+    plain = [args.batch * len(s) / sum(s) for s in plain_steps]
+    medens = [args.batch * len(s) / sum(s) for s in medens_steps]
     ratios = [m / p for m, p in zip(medens, plain, strict=True)]
+    # the median step of each run: one slow step (another process, the allocator) moves it less than the mean
+    ratios_median_step = [float(np.median(p) / np.median(m)) for m, p in zip(medens_steps, plain_steps, strict=True)]
     return {
         "benchmark": "xray-throughput",
         "arch": args.arch,
@@ -124,6 +139,10 @@ def xray_throughput(args: argparse.Namespace) -> dict:
         "ratio_per_repeat": ratios,
         # each repeat's two runs are adjacent (ABBA): the median of their ratios is less swayed by load drift
         "median_of_ratio_per_repeat": float(np.median(ratios)),
+        "ratio_per_repeat_from_median_step": ratios_median_step,
+        "median_of_ratio_from_median_step": float(np.median(ratios_median_step)),
+        "plain_step_seconds": plain_steps,
+        "medens_step_seconds": medens_steps,
     }  # the machine block, load average included, is added by write_benchmark_result when it is written
 
 
