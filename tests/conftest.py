@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,12 @@ def compose_train(tmp_path: Path):
 
 
 # -- scheduling on pytest-xdist workers (scripts/run_tests.sh: --dist loadgroup) --------------------------
+# xdist 3.8's own loadgroup renames each grouped test's node id, which pytest 9 no longer lets a plugin do,
+# so its groups are silently ignored. Here the workers write {node id: group} at collection and the
+# controller's scheduler (below) reads it: a group's tests go to one worker, every other test to whichever
+# worker is free.
 _CHEAP_SHARED_FIXTURES = {"samples_dir"}
+_GROUPS_FOLDER = "medens_test_groups"
 
 
 def _shared_fixture_group(item: pytest.Item) -> str | None:
@@ -66,18 +73,69 @@ def _shared_fixture_group(item: pytest.Item) -> str | None:
     return f"module-{item.module.__name__}" if module_scoped and item.module is not None else None
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Group tests that share an expensive fixture (above) and start the slow tests first: xdist hands out
-    work in collection order, and a long test picked up last is a long tail on one worker."""
-    unit_of: dict[str, str] = {}
-    slow_units: set[str] = set()
-    for item in items:
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Mark a test that shares an expensive fixture with its xdist group (explicit marks are kept)."""
+    if item.get_closest_marker("xdist_group") is None:
         group = _shared_fixture_group(item)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
-        unit_of[item.nodeid] = group or item.nodeid
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Start the slow tests first: xdist hands out work in collection order, and a long test picked up last
+    is a long tail on one worker."""
+    unit_of: dict[str, str] = {}
+    slow_units: set[str] = set()
+    for item in items:
+        group = item.get_closest_marker("xdist_group")
+        unit_of[item.nodeid] = group.args[0] if group is not None else item.nodeid
         if item.get_closest_marker("slow") is not None:
             slow_units.add(unit_of[item.nodeid])
     # stable: a group's tests keep their order and stay together (a module fixture is not built twice)
     items.sort(key=lambda it: unit_of[it.nodeid] not in slow_units)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # noqa: ANN001 (xdist's WorkerController)
+    """Controller: the folder where each worker writes its test groups."""
+    config = node.config
+    if not hasattr(config, "_medens_groups_folder"):
+        config._medens_groups_folder = tempfile.mkdtemp(prefix="medens-xdist-groups-")
+    node.workerinput[_GROUPS_FOLDER] = config._medens_groups_folder
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Worker: write {node id: group} before xdist reports the collection to the controller."""
+    folder = getattr(session.config, "workerinput", {}).get(_GROUPS_FOLDER)
+    if folder:
+        groups = {it.nodeid: str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                  for it in session.items if (m := it.get_closest_marker("xdist_group")) is not None}  # fmt: skip
+        path = Path(folder) / f"{session.config.workerinput['workerid']}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(groups))
+        path.with_suffix(".tmp").replace(path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):  # noqa: ANN001, ANN201
+    """`--dist loadgroup`: xdist's scope scheduler with the groups the workers wrote; a test in no group is a
+    unit of its own. Scopes go out biggest first, then in collection order (slow tests first)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    import shutil
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        groups: dict[str, str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:
+                folder = Path(config._medens_groups_folder)
+                written = sorted(folder.glob("*.json"))
+                self.groups = json.loads(written[0].read_text()) if written else {}
+                shutil.rmtree(folder, ignore_errors=True)
+            return self.groups.get(nodeid, nodeid)
+
+    return SharedFixtureScheduling(config, log)
