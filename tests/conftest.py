@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from medens.utils.atomic import atomic_write_text
 from tests.helpers import ONE_EPOCH, TINY_CT, TINY_MRI, TINY_XRAY, compose, train_in_process
 
 
@@ -73,6 +74,14 @@ def _shared_fixture_group(item: pytest.Item) -> str | None:
     return f"module-{item.module.__name__}" if module_scoped and item.module is not None else None
 
 
+def _group_of(item: pytest.Item) -> str | None:
+    """The test's `xdist_group` name (`xdist_group("x")` or `xdist_group(name="x")`), None outside a group."""
+    mark = item.get_closest_marker("xdist_group")
+    if mark is None:
+        return None
+    return str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+
+
 def pytest_itemcollected(item: pytest.Item) -> None:
     """Mark a test that shares an expensive fixture with its xdist group (explicit marks are kept)."""
     if item.get_closest_marker("xdist_group") is None:
@@ -88,8 +97,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     unit_of: dict[str, str] = {}
     slow_units: set[str] = set()
     for item in items:
-        group = item.get_closest_marker("xdist_group")
-        unit_of[item.nodeid] = group.args[0] if group is not None else item.nodeid
+        unit_of[item.nodeid] = _group_of(item) or item.nodeid
         if item.get_closest_marker("slow") is not None:
             slow_units.add(unit_of[item.nodeid])
     # stable: a group's tests keep their order and stay together (a module fixture is not built twice)
@@ -110,11 +118,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Worker: write {node id: group} before xdist reports the collection to the controller."""
     folder = getattr(session.config, "workerinput", {}).get(_GROUPS_FOLDER)
     if folder:
-        groups = {it.nodeid: str(m.args[0] if m.args else m.kwargs.get("name", "default"))
-                  for it in session.items if (m := it.get_closest_marker("xdist_group")) is not None}  # fmt: skip
-        path = Path(folder) / f"{session.config.workerinput['workerid']}.json"
-        path.with_suffix(".tmp").write_text(json.dumps(groups))
-        path.with_suffix(".tmp").replace(path)
+        groups = {it.nodeid: group for it in session.items if (group := _group_of(it)) is not None}
+        atomic_write_text(Path(folder) / f"{session.config.workerinput['workerid']}.json", json.dumps(groups))
 
 
 @pytest.hookimpl(optionalhook=True)

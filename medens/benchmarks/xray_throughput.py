@@ -69,8 +69,16 @@ class _StepTimer(pl.Callback):
         self.t_end = time.perf_counter()
 
     def steps(self) -> list[float]:
-        marks = [*self.starts, self.t_end]
-        return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+        return _intervals([*self.starts, self.t_end])
+
+
+def _intervals(marks: list[float]) -> list[float]:
+    """Seconds between consecutive time marks."""
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+
+
+def _images_per_s(steps: list[float], batch: int) -> float:
+    return batch * len(steps) / sum(steps)
 
 
 def _optimizer() -> functools.partial:
@@ -92,7 +100,7 @@ def run_plain(batches, arch: str, warmup: int) -> list[float]:  # noqa: ANN001
         loss.backward()
         opt.step()
     marks.append(time.perf_counter())
-    return [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    return _intervals(marks)
 
 
 def run_medens(batches, arch: str, warmup: int) -> list[float]:  # noqa: ANN001
@@ -116,10 +124,10 @@ def xray_throughput(args: argparse.Namespace) -> dict:
         first, second = (run_plain, run_medens) if r % 2 == 0 else (run_medens, run_plain)
         for fn in (first, second):
             (plain_steps if fn is run_plain else medens_steps).append(fn(batches, args.arch, args.warmup))
-        print(f"plain {args.batch * len(plain_steps[-1]) / sum(plain_steps[-1]):.2f} img/s   "
-              f"medens {args.batch * len(medens_steps[-1]) / sum(medens_steps[-1]):.2f} img/s", flush=True)
-    plain = [args.batch * len(s) / sum(s) for s in plain_steps]
-    medens = [args.batch * len(s) / sum(s) for s in medens_steps]
+        print(f"plain {_images_per_s(plain_steps[-1], args.batch):.2f} img/s   "
+              f"medens {_images_per_s(medens_steps[-1], args.batch):.2f} img/s", flush=True)
+    plain = [_images_per_s(s, args.batch) for s in plain_steps]
+    medens = [_images_per_s(s, args.batch) for s in medens_steps]
     ratios = [m / p for m, p in zip(medens, plain, strict=True)]
     # the median step of each run: one slow step (another process, the allocator) moves it less than the mean
     ratios_median_step = [float(np.median(p) / np.median(m)) for m, p in zip(medens_steps, plain_steps, strict=True)]
