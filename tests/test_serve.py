@@ -437,6 +437,15 @@ def test_concurrent_requests_are_batched_and_answered_like_single_ones(servers, 
     assert after["batches"] - before["batches"] < len(paths)  # some requests shared a forward pass
 
 
+def test_load_benchmark_times_the_served_forward_pass_per_batch_size(served_root):
+    """serve-load's ceiling: the served export's own `run_batch`, per image, at each batch size."""
+    from medens.serving.loadtest import forward_ms_per_image
+
+    forward = forward_ms_per_image(served_root, [1, 4, 4, 1], threads=1)
+    assert sorted(forward) == [1, 4]
+    assert all(np.isfinite(v) and v > 0 for v in forward.values()), forward
+
+
 def test_served_probabilities_apply_the_manifest_calibration():
     """The calibration evaluation fitted (recorded in the export manifest) is applied by serving too."""
     import numpy as np

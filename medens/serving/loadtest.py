@@ -7,6 +7,10 @@ and 5xx counts, the server's batch-size histogram and the 1-minute load average;
 ratio of the largest batch size to batch size 1 (target >= 1.5 at 16 clients, with zero errors). The
 default order `1,8,8,1` (A B B A) interleaves the settings so that a change in the machine's load during
 the benchmark weighs on both alike; each setting's requests/s is the mean of its runs.
+
+After the servers stop, the served export's forward pass alone (the server's own `run_batch`, no HTTP or
+decoding) is timed at each batch size: milliseconds per image, and their ratio, the most that batching
+can gain on this machine when its cores are already busy at batch size 1.
 """
 
 from __future__ import annotations
@@ -149,6 +153,30 @@ def _clients(port: int, body: bytes, clients: int, seconds: float) -> dict[str, 
     }
 
 
+def forward_ms_per_image(root: Path, sizes: list[int], threads: int | None) -> dict[int, float]:
+    """Median milliseconds per image of the served X-ray export's `run_batch` at each batch size."""
+    import torch
+
+    from medens.serving.cli import cpu_cores
+    from medens.serving.models import ServedModel, resolve_bundle
+
+    torch.set_num_threads(threads or cpu_cores())
+    saved = root / "saved_models"
+    served = ServedModel("xray", resolve_bundle("xray", None, saved, saved / "exports"), ["onnx", "torchscript", "export"])
+    x = torch.zeros([int(v) for v in served.io_contract["input_shape"]])
+    out = {}
+    for b in sorted(set(sizes)):
+        items = [x] * b
+        served.run_batch("xray", items)  # warm-up: the first call compiles and allocates
+        times = []
+        for _ in range(max(3, 24 // b)):
+            t0 = time.perf_counter()
+            served.run_batch("xray", items)
+            times.append((time.perf_counter() - t0) / b)
+        out[b] = round(float(np.median(times)) * 1000, 1)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark, write `serve-load.json` under `--out`, print a summary; returns the result."""
     root = Path(args.root).resolve()
@@ -176,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for b in dict.fromkeys(sizes)
     }
     largest = max(sizes)
+    forward = forward_ms_per_image(root, sizes, args.threads)
     result = {
         "benchmark": "serve-load",
         "model": {k: info.get(k) for k in ("model_name", "export", "file", "sha256", "version", "optimized")},
@@ -187,9 +216,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests_per_s_by_batch_size": mean_rps,
         "batching_speedup": round(mean_rps[largest] / mean_rps[1], 3) if mean_rps.get(1) else None,
         "zero_errors": all(r["errors"] == 0 for r in runs),
+        "forward_ms_per_image_by_batch_size": forward,
+        # the speed-up batching gives the forward pass alone: the load speed-up's ceiling on a busy CPU
+        "forward_batching_ceiling": round(forward[1] / forward[largest], 3) if 1 in forward else None,
     }
     path = write_benchmark_result(args.out, "serve-load.json", result)
     print(
-        f"batching speed-up (max_batch_size={largest} vs 1, mean of runs): {result['batching_speedup']} -> {path}"
+        f"batching speed-up (max_batch_size={largest} vs 1, mean of runs): {result['batching_speedup']}; "
+        f"forward pass alone: {forward} ms per image, ceiling {result['forward_batching_ceiling']} -> {path}"
     )
     return result
