@@ -7,14 +7,12 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +96,45 @@ def copy_root(src: Path, dst: Path) -> Path:
     return dst
 
 
+class ForkedProcess:
+    """A child of the fork server, with the parts of `subprocess.Popen` the tests use (pid, poll, wait,
+    send_signal, terminate, kill, returncode)."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.args = args
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self._started = threading.Event()
+        self._ended = threading.Event()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._ended.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        assert self.returncode is not None, f"the CLI fork server ended while {self.args} was running"
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 class _ForkServer:
     """The client of tests/cli_zygote.py: CLI runs forked from one interpreter that already imported the stack."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
-        self.busy = threading.Lock()
+        self.lock = threading.Lock()
+        self.children: dict[str, ForkedProcess] = {}
+        self.next_id = 0
 
     def _start(self) -> bool:
         if self.proc is not None and self.proc.poll() is None:
@@ -115,8 +146,30 @@ class _ForkServer:
         if self.proc.stdout.readline().strip() != "ready":
             self.stop()
             return False
+        threading.Thread(target=self._read_answers, args=(self.proc,), daemon=True).start()
         atexit.register(self.stop)
         return True
+
+    def _read_answers(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            answer = json.loads(line)
+            with self.lock:
+                child = self.children.get(answer["id"])
+                if "returncode" in answer:
+                    self.children.pop(answer["id"], None)
+            if child is None:
+                continue
+            if "pid" in answer:
+                child.pid = answer["pid"]
+                child._started.set()
+            else:
+                child.returncode = answer["returncode"]
+                child._ended.set()
+        with self.lock:  # the server ended: nobody will answer for the children still listed
+            orphans, self.children = list(self.children.values()), {}
+        for child in orphans:
+            child._started.set()
+            child._ended.set()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -127,44 +180,46 @@ class _ForkServer:
                 self.proc.kill()
         self.proc = None
 
-    def _answer(self, deadline: float | None) -> dict | None:
-        """The server's next JSON line, or None when `deadline` (time.monotonic) passes first."""
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not select.select([self.proc.stdout], [], [], timeout)[0]:
-            return None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the CLI fork server ended unexpectedly")
-        return json.loads(line)
-
-    def run(self, cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess | None:
-        """`cmd` forked from the server, like `subprocess.run(capture_output=True, text=True)`; None: not possible
-        now (another thread's run is in flight, or the server cannot start), so the caller starts a fresh one."""
-        if not self.busy.acquire(blocking=False):
-            return None
-        try:
+    def spawn(self, cmd: list[str], cwd: Path, env: dict, stdout: Path, stderr: Path) -> ForkedProcess | None:
+        """Start `cmd` forked from the server, its output into the given files; None: the server cannot start,
+        so the caller starts a fresh interpreter."""
+        with self.lock:
             if not self._start():
                 return None
-            with tempfile.TemporaryDirectory(prefix="medens-cli-") as tmp:
-                out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-                request = {"script": cmd[1], "args": cmd[2:], "cwd": str(cwd), "env": env,
-                           "stdout": str(out), "stderr": str(err)}  # fmt: skip
-                self.proc.stdin.write(json.dumps(request) + "\n")
-                self.proc.stdin.flush()
-                pid = self._answer(time.monotonic() + 60)["pid"]
-                done = self._answer(time.monotonic() + timeout)
-                if done is None:
-                    os.killpg(pid, signal.SIGKILL)
-                    self._answer(None)
-                    raise subprocess.TimeoutExpired(
-                        cmd, timeout, output=out.read_text(), stderr=err.read_text()
-                    )
-                return subprocess.CompletedProcess(cmd, done["returncode"], out.read_text(), err.read_text())
-        finally:
-            self.busy.release()
+            child = ForkedProcess(cmd)
+            rid = str(self.next_id)
+            self.next_id += 1
+            self.children[rid] = child
+            request = {"id": rid, "script": cmd[1], "args": cmd[2:], "cwd": str(cwd), "env": env,
+                       "stdout": str(stdout), "stderr": str(stderr)}  # fmt: skip
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+        if not child._started.wait(60) or child.pid is None:
+            raise RuntimeError(f"the CLI fork server did not start {cmd}")
+        return child
+
+    def run(self, cmd: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess | None:
+        """`cmd` forked from the server, like `subprocess.run(capture_output=True, text=True)`; None: the
+        server cannot start, so the caller starts a fresh one."""
+        with tempfile.TemporaryDirectory(prefix="medens-cli-") as tmp:
+            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+            child = self.spawn(cmd, cwd, env, out, err)
+            if child is None:
+                return None
+            try:
+                child.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                raise subprocess.TimeoutExpired(cmd, timeout, output=out.read_text(), stderr=err.read_text()) from None
+            return subprocess.CompletedProcess(cmd, child.returncode, out.read_text(), err.read_text())
 
 
 _FORK_SERVER = _ForkServer()
+
+
+def _fork_server_wanted(fresh: bool) -> bool:
+    return not fresh and os.environ.get("MEDENS_TEST_FRESH_CLI") != "1"
 
 
 def run_cli(
@@ -176,11 +231,24 @@ def run_cli(
     MEDENS_TEST_FRESH_CLI=1, asks for a new interpreter: only a test of what happens while importing needs one."""
     full_env = {**os.environ, "MEDENS_ROOT": str(root), "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [PYTHON, str(ROOT / "scripts" / script), *args]
-    if not fresh and os.environ.get("MEDENS_TEST_FRESH_CLI") != "1":
+    if _fork_server_wanted(fresh):
         proc = _FORK_SERVER.run(cmd, cwd=root, env=full_env, timeout=timeout)
         if proc is not None:
             return proc
     return subprocess.run(cmd, cwd=root, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(script: str, *args: str, cwd: Path, env: dict, log: Path) -> ForkedProcess | subprocess.Popen:
+    """Start `python scripts/<script> args...` in the background (its own process group, stdout and stderr
+    into `log`), forked like `run_cli`; the caller signals and waits for it like a `Popen`."""
+    cmd = [PYTHON, str(ROOT / "scripts" / script), *args]
+    log.touch()  # there from the start, as with Popen's file (the forked child opens it itself)
+    if _fork_server_wanted(False):
+        child = _FORK_SERVER.spawn(cmd, cwd, env, log, log)
+        if child is not None:
+            return child
+    with open(log, "w") as fh:
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def cli_ok(proc) -> str:

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.helpers import PYTHON, ROOT
+from tests.helpers import start_cli
 
 #: Credentials the moto server accepts (any); tests point every AWS lookup at them, never at ~/.aws.
 AWS_TEST_ENV = {
@@ -200,17 +200,15 @@ class CuttableProxy:
 
 
 class ServeProcess:
-    """`scripts/serve.py` as a subprocess on a free port."""
+    """`scripts/serve.py` as a process of its own on a free port (forked like `run_cli`)."""
 
     def __init__(self, root: Path, *args: str, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / f"serve_{self.port}.log"
-        self._fh = open(self.log, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [PYTHON, str(ROOT / "scripts" / "serve.py"), *args, f"port={self.port}", "host=127.0.0.1",
-             "threads=1", "hydra.run.dir=outputs/serve_" + str(self.port)],
-            cwd=root, stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True,
+        self.proc = start_cli(
+            "serve.py", *args, f"port={self.port}", "host=127.0.0.1", "threads=1",
+            "hydra.run.dir=outputs/serve_" + str(self.port), cwd=root, log=self.log,
             env={**os.environ, "MEDENS_ROOT": str(root), "OMP_NUM_THREADS": "1", **(env or {})},
         )  # fmt: skip
 
@@ -247,4 +245,3 @@ class ServeProcess:
 
     def stop(self) -> None:
         stop(self.proc)
-        self._fh.close()

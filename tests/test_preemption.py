@@ -23,22 +23,28 @@ import torch
 import torchvision
 
 from medens.checkpoint import load_checkpoint
-from tests.helpers import PYTHON, ROOT, TINY_XRAY, assert_same_training_state, cli_ok, run_cli
+from tests.helpers import (
+    TINY_XRAY,
+    ForkedProcess,
+    assert_same_training_state,
+    cli_ok,
+    run_cli,
+    start_cli,
+)
 
 COMMON = ["experiment=xray", *TINY_XRAY, "data.batch_size=2", "test=false", "logger=none",
           "trainer.deterministic=true", "callbacks.model_checkpoint_periodic.every_n_epochs=1"]  # fmt: skip
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-def start(root: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+def start(root: Path, *args: str, env: dict | None = None) -> tuple[ForkedProcess | subprocess.Popen, Path]:
+    """`scripts/train.py args` in the background (a real process of its own, forked like `run_cli`)."""
     log = root / f"train-{time.monotonic_ns()}.log"
     full_env = {**os.environ, "MEDENS_ROOT": str(root), "PYTHONUNBUFFERED": "1", **ENV, **(env or {})}
-    proc = subprocess.Popen([PYTHON, str(ROOT / "scripts" / "train.py"), *args], cwd=root, env=full_env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
-    return proc, log
+    return start_cli("train.py", *args, cwd=root, env=full_env, log=log), log
 
 
-def wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 300) -> None:
+def wait_for(cond, proc: ForkedProcess | subprocess.Popen, what: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert proc.poll() is None, f"the run ended ({proc.returncode}) before {what}"
