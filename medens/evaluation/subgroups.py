@@ -75,6 +75,26 @@ def check_columns(attrs: pd.DataFrame, columns: Sequence[str], where: str) -> No
         raise ConfigError(f"subgroups: column(s) {missing} not in the case table of {where}; columns: {known}")
 
 
+def group_masks(
+    case_ids: Sequence[str],
+    patient_ids: Sequence[str],
+    attrs: pd.DataFrame,
+    columns: Sequence[str],
+    where: str,
+    bands: Mapping[str, Sequence[float]] | None = None,
+) -> tuple[np.ndarray, dict[str, list[tuple[Any, np.ndarray]]]]:
+    """(patient id per case, {column: [(group, mask of its cases), ...] in report order}): the one walk over
+    the subgroups that the classifiers' and the segmenter's figures share."""
+    columns = [str(c) for c in columns]
+    check_columns(attrs, columns, where)
+    table = attrs.reindex([str(c) for c in case_ids])
+    by_column: dict[str, list[tuple[Any, np.ndarray]]] = {}
+    for col in columns:
+        labels = group_labels(table[col].reset_index(drop=True), col, (bands or {}).get(col)).to_numpy()
+        by_column[col] = [(value, labels == value) for value in sorted(set(labels.tolist()), key=_order)]
+    return np.asarray([str(p) for p in patient_ids]), by_column
+
+
 def subgroup_metrics(
     probs: np.ndarray,
     targets: np.ndarray,
@@ -90,16 +110,11 @@ def subgroup_metrics(
     seed: int = 0,
 ) -> dict[str, Any]:
     """{column: {group: metrics with intervals | too small}} for the cases given."""
-    columns = [str(c) for c in columns]
-    check_columns(attrs, columns, where)
-    table = attrs.reindex([str(c) for c in case_ids])
-    pids = np.asarray([str(p) for p in patient_ids])
+    pids, by_column = group_masks(case_ids, patient_ids, attrs, columns, where, bands)
     out: dict[str, Any] = {}
-    for col in columns:
-        labels = group_labels(table[col].reset_index(drop=True), col, (bands or {}).get(col)).to_numpy()
+    for col, masks in by_column.items():
         groups: dict[str, Any] = {}
-        for value in sorted(set(labels.tolist()), key=_order):
-            m = labels == value
+        for value, m in masks:
             n_pat = len(set(pids[m].tolist()))
             entry: dict[str, Any] = {"n_cases": int(m.sum()), "n_patients": n_pat}
             t = targets[m]
@@ -171,16 +186,11 @@ def segmentation_subgroup_metrics(
     as the classifiers' `subgroup_metrics`."""
     from medens.evaluation.statistics import mean_intervals
 
-    columns = [str(c) for c in columns]
-    check_columns(attrs, columns, where)
-    table = attrs.reindex([str(c) for c in case_ids])
-    pids = np.asarray([str(p) for p in patient_ids])
+    pids, by_column = group_masks(case_ids, patient_ids, attrs, columns, where, bands)
     out: dict[str, Any] = {}
-    for col in columns:
-        labels = group_labels(table[col].reset_index(drop=True), col, (bands or {}).get(col)).to_numpy()
+    for col, masks in by_column.items():
         groups: dict[str, Any] = {}
-        for value in sorted(set(labels.tolist()), key=_order):
-            m = labels == value
+        for value, m in masks:
             n_pat = len(set(pids[m].tolist()))
             entry: dict[str, Any] = {"n_cases": int(m.sum()), "n_patients": n_pat}
             if n_pat < int(min_patients) or n_pat < 2:
