@@ -23,3 +23,17 @@ def test_scripts_are_thin_and_import_no_other_script():
     assert [p.name for p in scripts] == ["benchmark.py"]
     text = scripts[0].read_text()
     assert "medens.benchmarks.cli" in text and len(text.splitlines()) < 20
+
+
+def test_xray_throughput_paired_design_times_both_loops_step_by_step(tmp_path):
+    """The default design: one medens fit per repeat, a plain step inside every medens step, both timed."""
+    import json
+
+    args = build_parser().parse_args(["xray-throughput", "--arch", "resnet18", "--size", "32", "--batch", "2",
+                                      "--steps", "3", "--warmup", "1", "--repeats", "2", "--out", str(tmp_path)])  # fmt: skip
+    assert args.design == "paired"
+    result = json.loads(args._run(args).read_text())
+    assert result["design"] == "paired" and result["repeats"] == 2
+    for steps in (*result["plain_step_seconds"], *result["medens_step_seconds"]):
+        assert len(steps) == 3 and all(s > 0 for s in steps), steps
+    assert len(result["ratio_per_repeat"]) == 2 and result["ratio_median"] > 0

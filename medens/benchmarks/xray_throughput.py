@@ -94,20 +94,8 @@ def _optimizer() -> functools.partial:
 
 def run_plain(batches, arch: str, warmup: int) -> list[float]:  # noqa: ANN001
     """Seconds of each timed step of a plain PyTorch loop."""
-    torch.manual_seed(0)
-    net = build_resnet(arch, num_classes=14)
-    net.train()
-    opt = _optimizer()(params=net.parameters())
-    marks = []
-    for i, b in enumerate(batches):
-        if i >= warmup:
-            marks.append(time.perf_counter())
-        loss = masked_bce_with_logits(net(b["image"]), b["label"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    marks.append(time.perf_counter())
-    return _intervals(marks)
+    step = _PlainStep(arch)
+    return [step(b) for b in batches][warmup:]
 
 
 def run_medens(batches, arch: str, warmup: int) -> list[float]:  # noqa: ANN001
