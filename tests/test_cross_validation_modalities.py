@@ -124,6 +124,34 @@ TINY_XRAY_CV = [
 
 
 @pytest.mark.slow
+def test_platt_on_inner_val_puts_two_models_on_one_scale_and_keeps_their_ranking():
+    """Two folds' models rank alike but on different probability scales: pooled, the AUC drops; after each
+    is calibrated on its own inner validation cases, pooling keeps the per-fold AUC."""
+    from medens.evaluation.cv_xray import platt_on_inner_val
+
+    rng = np.random.default_rng(0)
+
+    def fold(offset: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        y = (rng.random((400, 2)) < 0.3).astype(float)
+        z = 1.5 * y + rng.normal(size=y.shape) + offset  # same signal, shifted logit scale
+        p = 1 / (1 + np.exp(-z))
+        return p[:200], y[:200], p[200:], y[200:]
+
+    pooled_raw, pooled_cal, ys = [], [], []
+    for offset in (-3.0, 3.0):
+        p_val, y_val, p_test, y_test = fold(offset)
+        y_val[:, 1] = 0.0  # label 1: no positive among the inner validation cases -> left on its scale
+        cal = platt_on_inner_val(p_val, y_val, p_test)
+        assert np.allclose(cal[:, 1], p_test[:, 1])
+        assert roc_auc_score(y_test[:, 0], cal[:, 0]) == pytest.approx(roc_auc_score(y_test[:, 0], p_test[:, 0]))
+        pooled_raw.append(p_test[:, 0])
+        pooled_cal.append(cal[:, 0])
+        ys.append(y_test[:, 0])
+    y = np.concatenate(ys)
+    raw, cal = roc_auc_score(y, np.concatenate(pooled_raw)), roc_auc_score(y, np.concatenate(pooled_cal))
+    assert cal > raw + 0.05, (raw, cal)
+
+
 def test_xray_cross_validation_is_patient_grouped_and_merges(tmp_path: Path):
     """Folds partition the patients; each fold's inner validation holds none of its held-out patients;
     two runs over complementary folds merge into the report of the whole."""

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "scale": 0.08,
     "intensity": 0.15,
     "seeds": [0, 1],
+    "calibrate": "none",  # platt: per label, on the inner validation cases, before seeds and folds are pooled
     "min_positives": 5,  # labels scored: at least this many positives among the held-out cases
     "baseline_size": 32,
     "baseline_c": [0.001, 0.003, 0.01, 0.1],
@@ -72,6 +73,8 @@ def xray_options(cfg: DictConfig) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown config key(s) cv.xray.{sorted(unknown)}; known: {sorted(DEFAULTS)}")
     opts = {**DEFAULTS, **user}
+    if opts["calibrate"] not in ("none", "platt"):
+        raise ConfigError(f"cv.xray.calibrate must be none or platt, got {opts['calibrate']!r}")
     if not 0 < float(opts["inner_val_fraction"]) < 1:
         raise ConfigError(f"cv.xray.inner_val_fraction must be in (0, 1), got {opts['inner_val_fraction']}")
     return opts
@@ -204,6 +207,29 @@ def predict_cnn(net: nn.Module, x: np.ndarray) -> np.ndarray:
     return _predict(net, torch.from_numpy((x - mu) / sd)[:, None].float())
 
 
+def platt_on_inner_val(p_val: np.ndarray, y_val: np.ndarray, p_test: np.ndarray) -> np.ndarray:
+    """Per label, a logistic map of the logit fitted on the inner validation cases, so that the models of
+    different folds and seeds share one probability scale before their held-out predictions are pooled. A
+    label whose inner validation cases lack a class, or whose fitted map is not increasing, keeps its scale."""
+    from sklearn.linear_model import LogisticRegression
+
+    def logit(p: np.ndarray) -> np.ndarray:
+        p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
+        return np.log(p / (1 - p))
+
+    z_val, z_test, out = logit(p_val), logit(p_test), p_test.astype(np.float64).copy()
+    for j in range(p_test.shape[1]):
+        known = ~np.isnan(y_val[:, j])
+        yj = y_val[known, j]
+        if yj.sum() == 0 or (yj == 0).sum() == 0:
+            continue
+        fit = LogisticRegression(C=1.0).fit(z_val[known, j : j + 1], yj)
+        slope, bias = float(fit.coef_[0, 0]), float(fit.intercept_[0])
+        if slope > 0:
+            out[:, j] = 1.0 / (1.0 + np.exp(-(slope * z_test[:, j] + bias)))
+    return out
+
+
 def _cpu_seconds() -> float:
     import resource
 
@@ -254,7 +280,10 @@ def cross_validate_xray(cfg: DictConfig) -> dict[str, Any]:
         runs, probs = [], []
         for s in opts["seeds"]:
             net, info = train_cnn(x[tr], y[tr], x[va], y[va], opts, int(s) + 100 * k)
-            probs.append(predict_cnn(net, x[te]))
+            p_te = predict_cnn(net, x[te])
+            if opts["calibrate"] == "platt":
+                p_te = platt_on_inner_val(predict_cnn(net, x[va]), y[va], p_te)
+            probs.append(p_te)
             runs.append({"seed": int(s), **info})
         prob_m[te] = np.mean(probs, axis=0)
         fold_of[te] = k
