@@ -125,9 +125,14 @@ TINY_XRAY_CV = [
 
 @pytest.mark.slow
 def test_platt_on_inner_val_puts_two_models_on_one_scale_and_keeps_their_ranking():
-    """Two folds' models rank alike but on different probability scales: pooled, the AUC drops; after each
-    is calibrated on its own inner validation cases, pooling keeps the per-fold AUC."""
-    from medens.evaluation.cv_xray import platt_on_inner_val
+    """`cv.xray.calibrate=platt`: two folds' models rank alike but on different probability scales; pooled,
+    the AUC drops; after each is Platt-scaled on its own inner validation cases, pooling keeps the per-fold AUC."""
+    from medens.evaluation.calibration import apply_calibration, fit_calibration
+
+    names = ["a", "b"]
+
+    def platt_on_inner_val(p_val: np.ndarray, y_val: np.ndarray, p_test: np.ndarray) -> np.ndarray:
+        return apply_calibration(p_test, fit_calibration(p_val, y_val, names, "platt"), names)
 
     rng = np.random.default_rng(0)
 

@@ -186,17 +186,20 @@ def xray_throughput(args: argparse.Namespace) -> dict:
             plain, medens = run_paired(batches, args.arch, args.warmup)
             plain_steps.append(plain)
             medens_steps.append(medens)
-            print(f"plain {_images_per_s(plain, args.batch):.2f} img/s   "
-                  f"medens {_images_per_s(medens, args.batch):.2f} img/s (paired steps)", flush=True)  # fmt: skip
+            _print_repeat(plain, medens, args.batch, " (paired steps)")
         return _result(args, plain_steps, medens_steps)
     plain_steps, medens_steps = [], []
     for r in range(args.repeats):  # ABBA order: drift in machine load does not favour either loop
         first, second = (run_plain, run_medens) if r % 2 == 0 else (run_medens, run_plain)
         for fn in (first, second):
             (plain_steps if fn is run_plain else medens_steps).append(fn(batches, args.arch, args.warmup))
-        print(f"plain {_images_per_s(plain_steps[-1], args.batch):.2f} img/s   "
-              f"medens {_images_per_s(medens_steps[-1], args.batch):.2f} img/s", flush=True)
+        _print_repeat(plain_steps[-1], medens_steps[-1], args.batch)
     return _result(args, plain_steps, medens_steps)
+
+
+def _print_repeat(plain: list[float], medens: list[float], batch: int, note: str = "") -> None:
+    print(f"plain {_images_per_s(plain, batch):.2f} img/s   medens {_images_per_s(medens, batch):.2f} img/s{note}",
+          flush=True)  # fmt: skip
 
 
 def _result(args: argparse.Namespace, plain_steps: list[list[float]], medens_steps: list[list[float]]) -> dict:

@@ -36,6 +36,7 @@ from medens.data.xray import NIH_LABELS, find_label_csv, load_xray_image, read_n
 from medens.data.xray_readers import NIHReader
 from medens.errors import ConfigError, DataError
 from medens.evaluation.baselines import fit_pixel_baseline, mean_auc
+from medens.evaluation.calibration import apply_calibration, fit_calibration
 from medens.evaluation.statistics import PatientBootstrap, delong_test, summarise_replicates, weighted_auc
 from medens.utils.jsonio import write_json_strict
 
@@ -207,29 +208,6 @@ def predict_cnn(net: nn.Module, x: np.ndarray) -> np.ndarray:
     return _predict(net, torch.from_numpy((x - mu) / sd)[:, None].float())
 
 
-def platt_on_inner_val(p_val: np.ndarray, y_val: np.ndarray, p_test: np.ndarray) -> np.ndarray:
-    """Per label, a logistic map of the logit fitted on the inner validation cases, so that the models of
-    different folds and seeds share one probability scale before their held-out predictions are pooled. A
-    label whose inner validation cases lack a class, or whose fitted map is not increasing, keeps its scale."""
-    from sklearn.linear_model import LogisticRegression
-
-    def logit(p: np.ndarray) -> np.ndarray:
-        p = np.clip(p.astype(np.float64), 1e-6, 1 - 1e-6)
-        return np.log(p / (1 - p))
-
-    z_val, z_test, out = logit(p_val), logit(p_test), p_test.astype(np.float64).copy()
-    for j in range(p_test.shape[1]):
-        known = ~np.isnan(y_val[:, j])
-        yj = y_val[known, j]
-        if yj.sum() == 0 or (yj == 0).sum() == 0:
-            continue
-        fit = LogisticRegression(C=1.0).fit(z_val[known, j : j + 1], yj)
-        slope, bias = float(fit.coef_[0, 0]), float(fit.intercept_[0])
-        if slope > 0:
-            out[:, j] = 1.0 / (1.0 + np.exp(-(slope * z_test[:, j] + bias)))
-    return out
-
-
 def _cpu_seconds() -> float:
     import resource
 
@@ -281,8 +259,9 @@ def cross_validate_xray(cfg: DictConfig) -> dict[str, Any]:
         for s in opts["seeds"]:
             net, info = train_cnn(x[tr], y[tr], x[va], y[va], opts, int(s) + 100 * k)
             p_te = predict_cnn(net, x[te])
-            if opts["calibrate"] == "platt":
-                p_te = platt_on_inner_val(predict_cnn(net, x[va]), y[va], p_te)
+            if opts["calibrate"] == "platt":  # one probability scale for the folds and seeds that are pooled
+                cal = fit_calibration(predict_cnn(net, x[va]), y[va], NIH_LABELS, "platt")
+                p_te = apply_calibration(p_te, cal, NIH_LABELS)
             probs.append(p_te)
             runs.append({"seed": int(s), **info})
         prob_m[te] = np.mean(probs, axis=0)
