@@ -214,6 +214,8 @@ def test_mri_leave_one_patient_out_against_flair(tmp_path: Path):
         assert r["flair_threshold"] in (1.0, 1.5)
         assert all(0.0 <= r["dice_model"][k] <= 1.0 for k in ("wt", "tc", "et"))
         assert set(r["postprocess"]) == {"brain_only", "min_size", "largest_only"}
+        assert all(0.0 <= r["dice_model_no_tta"][k] <= 1.0 for k in ("wt", "tc", "et"))
+    assert report["mean_dice_model_no_tta"]["wt"] == pytest.approx(np.mean([r["dice_model_no_tta"]["wt"] for r in rows]))
     pc = report["paired_wt_dice"]
     assert pc["n_cases"] == 3 and "p_value" in pc["wilcoxon"]
     assert report["objective"] == pytest.approx(np.mean([r["dice_model"]["wt"] for r in rows]))

@@ -64,6 +64,8 @@ def test_evaluate_writes_metrics_aligned_nifti_and_pictures(full_run):
     report = json.loads((run / "metrics.json").read_text())
     assert report["split"] == "val" and report["n_cases"] == report["n_labelled"] == 1
     assert report["label_codes"] == "dataset" and report["channels"] == ["t1", "t1ce", "t2", "flair"]
+    # experiment=mri's recipe: mirrored prediction, the postprocessing the checkpoint chose on validation
+    assert report["tta_flips"] is True and report["postprocess"] == load_checkpoint(ckpt)["postprocess"] is not None
     keys = {"dice_necrotic_core", "dice_edema", "dice_enhancing", "dice_wt", "dice_tc", "dice_et", "dice_mean",
             "hd95_wt", "hd95_tc", "hd95_et"}  # fmt: skip
     assert keys <= set(report["mean"])

@@ -186,3 +186,96 @@ def test_ddp_eval_shards_are_padded_and_padding_is_skipped(tmp_path):
     mixed = {"image": torch.arange(3), "case_id": ["a", "b", "c"], "is_padding": torch.tensor([False, True, False])}
     kept = without_padding(mixed)
     assert kept["image"].tolist() == [0, 2] and kept["case_id"] == ["a", "c"]
+
+
+class _OracleWithStray(_Oracle):
+    """The perfect oracle plus a false tumour blob in the volume's corner, outside the brain."""
+
+    def __init__(self) -> None:
+        super().__init__(perfect=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x).clone()
+        logits[:, :, :3, :3, :3] = 0
+        logits[:, 2, :3, :3, :3] = 10
+        return logits
+
+
+def _case_with_brain_box() -> dict:
+    torch.manual_seed(0)
+    label = torch.zeros(1, 1, 30, 26, 20, dtype=torch.long)
+    label[0, 0, 10:20, 8:18, 6:14] = 2
+    label[0, 0, 13:17, 11:15, 8:11] = 3
+    brain = torch.zeros(1, 1, 30, 26, 20)
+    brain[..., 5:27, 5:23, 4:18] = 1
+    image = torch.cat([label.float(), (torch.rand(1, 1, 30, 26, 20) + 1) * brain], dim=1)  # 0 outside the brain
+    return {"image": image, "label": label, "spacing": torch.ones(1, 3), "case_id": ["c0"]}
+
+
+def test_postprocessing_chosen_on_validation_is_saved_in_the_checkpoint_and_applied():
+    from monai.inferers import SimpleInferer
+
+    from medens.checkpoint.io import MEDENS_KEY
+
+    candidates = [{}, {"min_size": 10**6}, {"brain_only": True}]  # raw, everything removed, brain only
+    kwargs = {"optimizer": torch.optim.SGD, "inferer": SimpleInferer(), "postprocess": "choose",
+              "postprocess_candidates": candidates}  # fmt: skip
+    model = UNetSegmenter(_OracleWithStray(), **kwargs)
+    batch = _case_with_brain_box()
+    model.validation_step(batch, 0)
+    raw_wt = float(model.val_metrics.compute()["dice_wt"])
+    assert raw_wt < 0.99  # the stray blob costs the network's own figure
+    model.log_epoch_metrics("val")
+    chosen = {"brain_only": True, "min_size": 0, "largest_only": False}
+    assert model.postprocess_spec == chosen
+    model.test_step(batch, 0)
+    assert float(model.test_metrics.compute()["dice_wt"]) == pytest.approx(1.0)
+    assert torch.equal(model.predict_step(batch, 0)["pred"][:, 0].long(), batch["label"][:, 0])
+
+    ckpt: dict = {}
+    model.on_save_checkpoint(ckpt)
+    saved = ckpt[MEDENS_KEY]
+    assert saved["postprocess"] == chosen and saved["hyperparameters"]["io_contract"]["postprocess"] == chosen
+    resumed = UNetSegmenter(_OracleWithStray(), **kwargs)  # Lightning's resume path
+    resumed.on_load_checkpoint(ckpt)
+    rebuilt = UNetSegmenter(_OracleWithStray(), **kwargs)  # evaluation's rebuild: the io_contract only
+    rebuilt.io_contract = saved["hyperparameters"]["io_contract"]
+    for m in (resumed, rebuilt):
+        assert m.active_postprocess() == chosen
+    fixed_none = UNetSegmenter(_OracleWithStray(), optimizer=torch.optim.SGD, inferer=SimpleInferer())
+    fixed_none.io_contract = saved["hyperparameters"]["io_contract"]
+    assert fixed_none.active_postprocess() is None  # postprocess=none ignores a recorded choice
+
+
+def test_postprocess_setting_typos_are_config_errors():
+    with pytest.raises(ConfigError, match="postprocess must be none, choose"):
+        UNetSegmenter(_Oracle(True), optimizer=torch.optim.SGD, postprocess="chose")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['brain'\]"):
+        UNetSegmenter(_Oracle(True), optimizer=torch.optim.SGD, postprocess={"brain": True})
+
+
+def test_test_time_mirroring_is_flip_equivariant_and_exact_for_a_pointwise_net():
+    from medens.models.mri_postprocess import flip_averaged_logits
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 10, 8, 6)
+    conv = nn.Conv3d(2, 4, 3, padding=1)  # an asymmetric kernel: its output changes under a flip
+    with torch.no_grad():
+        out = flip_averaged_logits(conv, x)
+        assert torch.allclose(out.exp().sum(1), torch.ones(2, 10, 8, 6), atol=1e-5)
+        plain_prob = torch.softmax(conv(x), 1)
+        assert not torch.allclose(out.exp(), plain_prob, atol=1e-3)  # the flips did change the answer
+        for dims in [(2,), (3, 4), (2, 3, 4)]:
+            assert torch.allclose(flip_averaged_logits(conv, x.flip(dims)), out.flip(dims), atol=1e-5)
+        pointwise = nn.Conv3d(2, 4, 1)  # commutes with every flip: mirroring changes nothing
+        assert torch.allclose(flip_averaged_logits(pointwise, x).exp(), torch.softmax(pointwise(x), 1), atol=1e-5)
+
+
+def test_the_default_experiment_saves_its_chosen_postprocessing(tiny_run):
+    from medens.models.mri_postprocess import DEFAULT_CANDIDATES, check_postprocess
+
+    ckpt = load_checkpoint(tiny_run[0] / "unet_best.pth")
+    model_cfg = ckpt["hyperparameters"]["model"]
+    assert model_cfg["tta_flips"] is True and model_cfg["postprocess"] == "choose"
+    assert ckpt["postprocess"] in [check_postprocess(c) for c in DEFAULT_CANDIDATES]
+    assert ckpt["hyperparameters"]["io_contract"]["postprocess"] == ckpt["postprocess"]

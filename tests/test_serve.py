@@ -220,8 +220,12 @@ def test_mri_segmentation_equals_offline_sliding_window(servers, served_root):
     ckpt = torch.load(served_root / "saved_models/mri/unet_best.pth", weights_only=True)
     model, _, hyper = build_from_checkpoint(ckpt, "unet_best.pth")
     image, decoded = mri_case(files, hyper["io_contract"])
-    with torch.no_grad():
-        labels = model.eval().predict_logits(image[None])[0].argmax(0).numpy().astype(np.uint8)
+    assert model.tta_flips and model.active_postprocess() is not None  # the recipe of experiment=mri
+    entry = json.loads((served_root / "saved_models/exports/manifest.json").read_text())["exports"]["mri_torchscript"]
+    assert entry["inference"]["tta_flips"] is True and entry["inference"]["postprocess"] == ckpt["postprocess"]
+    with torch.no_grad():  # mirrored sliding window, then the postprocessing chosen on validation
+        pred = model.eval().predict_logits(image[None]).argmax(1)
+        labels = model.postprocessed(pred, image[None])[0].numpy().astype(np.uint8)
     offline = np.asarray(
         nib.Nifti1Image.from_bytes(
             gzip.decompress(segmentation_nifti(labels, decoded, hyper["io_contract"]))

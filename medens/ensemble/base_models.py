@@ -157,7 +157,8 @@ class FrozenBaseModel:
         )(item)
         image = build_eval_transform()(decoded)["image"]
         voxel_ml = float(np.prod(nib.load(str(case.image_files[0])).header.get_zooms()[:3])) / 1000.0
-        probs = torch.softmax(self.module.predict_logits(image[None].float()).float(), 1)
+        # no test-time mirroring: the traced ensemble's MRI head (medens.ensemble.network) runs the plain network
+        probs = torch.softmax(self.module.predict_logits(image[None].float(), tta=False).float(), 1)
         return segmentation_features(probs, voxel_ml)[0].numpy()
 
 

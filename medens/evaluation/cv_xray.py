@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 32,
     "lr": 0.002,
     "weight_decay": 0.0005,
+    "max_pos_weight": 50.0,  # class balance: BCE pos_weight = negatives/positives per label, capped here
     "augment": True,
     "rotate_deg": 8.0,
     "translate": 0.06,
@@ -171,7 +172,8 @@ def train_cnn(
     net = SmallResNet(y_tr.shape[1], int(opts["width"]), float(opts["dropout"]))
     net.norm = (mu, sd)  # type: ignore[assignment]
     pos = yt.sum(0)
-    pos_weight = ((len(yt) - pos) / pos.clamp(min=1)).clamp(max=50.0)  # class balance per label
+    # class balance per label: negatives/positives, capped (1.0: plain BCE, no balancing)
+    pos_weight = ((len(yt) - pos) / pos.clamp(min=1)).clamp(min=1.0, max=float(opts["max_pos_weight"]))
     optim = torch.optim.AdamW(
         net.parameters(), lr=float(opts["lr"]), weight_decay=float(opts["weight_decay"])
     )

@@ -258,6 +258,8 @@ def evaluate_segmenter(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         "channels": channels,
         "data": str(dm.root),
         "inferer": {k: v for k, v in (hyper.get("model", {}).get("inferer") or {}).items() if k != "_target_"},
+        "tta_flips": bool(getattr(model, "tta_flips", False)),  # test-time mirroring of the prediction
+        "postprocess": model.active_postprocess() if hasattr(model, "active_postprocess") else None,
     }
     from medens.evaluation.segmentation_report import add_intervals_and_report
 

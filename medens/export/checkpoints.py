@@ -163,11 +163,14 @@ def load_source_network(
 
 def inference_settings(hyper: Mapping[str, Any]) -> dict[str, Any]:
     """How evaluation runs the network (plain values only), so a server can do the same around an export:
-    the CT classifier's flip TTA, the segmenter's sliding-window ROI, overlap, blending and window batch."""
+    flip TTA, the segmenter's sliding-window ROI, overlap, blending and window batch, and its postprocessing."""
     model = hyper.get("model") or {}
     out: dict[str, Any] = {}
     if "tta_flips" in model:
         out["tta_flips"] = bool(model.get("tta_flips"))
+    post = (hyper.get("io_contract") or {}).get("postprocess")
+    if isinstance(post, Mapping):
+        out["postprocess"] = dict(post)  # the segmenter's label-map postprocessing chosen on validation
     inferer = model.get("inferer")
     if isinstance(inferer, Mapping):
         out["sliding_window"] = {

@@ -11,19 +11,29 @@ the best checkpoint.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.losses import DiceCELoss
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 
+from medens.checkpoint.io import MEDENS_KEY
 from medens.data.mri.brats import LABEL_NAMES
 from medens.errors import ConfigError
 from medens.metrics.segmentation import BraTSSegmentationMetrics
 from medens.models.base import MedensModule
+from medens.models.mri_postprocess import (
+    best_candidate,
+    brain_of,
+    check_choice,
+    flip_averaged_logits,
+    postprocess,
+    region_dice,
+)
 
 
 def default_loss() -> nn.Module:
@@ -58,6 +68,25 @@ def without_padding(batch: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
+class CandidateDice(Metric):
+    """Sum of the wt/tc/et Dice of each postprocessing candidate over validation cases (summed over ranks)."""
+
+    full_state_update = False
+
+    def __init__(self, n_candidates: int) -> None:
+        super().__init__()
+        self.add_state("sums", default=torch.zeros(n_candidates, 3, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, dice: torch.Tensor) -> None:  # [n_candidates, 3] of one case
+        self.sums += dice.to(self.sums)
+        self.count += 1
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean Dice [n_candidates, 3], number of cases)."""
+        return self.sums / self.count.clamp_min(1), self.count
+
+
 class UNetSegmenter(MedensModule):
     """BraTS segmentation LightningModule around a bare 3D network (`self.net`).
 
@@ -65,6 +94,14 @@ class UNetSegmenter(MedensModule):
     so that ROI, overlap and window batch are config. HD95 is costly on whole volumes, so it is off for
     validation (every epoch) and on for test by default. Only `self.net` holds persistent state: the
     metric accumulators are non-persistent and the Dice+CE loss has no parameters.
+
+    The nnU-Net inference recipe is config: `tta_flips` averages the softmax over the 8 mirrorings of the
+    volume (test, predict and evaluation; validation too with `tta_in_validation`), and `postprocess`
+    (`none`, one fixed candidate of `medens.models.mri_postprocess`, or `choose`) restricts the label map to
+    the brain and removes small tumour components. With `choose`, every validation epoch scores each of
+    `postprocess_candidates` on the validation cases and keeps the best (mean whole-tumour Dice); the choice
+    of a checkpoint's epoch is saved in it (`postprocess`, and `io_contract.postprocess` for exports and the
+    server) and applied to test and prediction label maps. `val/dice` stays the network's own figure.
     """
 
     monitor = "val/dice"
@@ -87,9 +124,20 @@ class UNetSegmenter(MedensModule):
         name: str = "unet",
         monitor: str | None = None,
         monitor_mode: str | None = None,
+        tta_flips: bool = False,
+        tta_in_validation: bool = False,
+        postprocess: str | Mapping[str, Any] | None = "none",
+        postprocess_candidates: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(net, optimizer, scheduler, scheduler_interval, compile, channels_last, name,
                          monitor=monitor, monitor_mode=monitor_mode)  # fmt: skip
+        self.tta_flips = bool(tta_flips)
+        self.tta_in_validation = bool(tta_in_validation)
+        self.postprocess_mode, fixed, self.postprocess_candidates = check_choice(postprocess, postprocess_candidates)
+        self.postprocess_spec: dict[str, Any] | None = fixed  # `choose`: set by each validation epoch
+        self.candidate_dice = (
+            CandidateDice(len(self.postprocess_candidates)) if self.postprocess_mode == "choose" else None
+        )
         self.loss_fn = loss if loss is not None else default_loss()
         self.inferer = inferer if inferer is not None else default_inferer()
         self.hd95_empty_penalty = hd95_empty_penalty
@@ -125,9 +173,27 @@ class UNetSegmenter(MedensModule):
             )
 
     # ------------------------------------------------------------------ steps
-    def predict_logits(self, image: torch.Tensor) -> torch.Tensor:
-        """Whole-volume logits [B, classes, H, W, D] by sliding-window inference."""
-        return self.inferer(image, self.net)
+    def predict_logits(self, image: torch.Tensor, tta: bool | None = None) -> torch.Tensor:
+        """Whole-volume logits [B, classes, H, W, D] by sliding-window inference; with test-time mirroring
+        (`tta`, default `tta_flips`) the log of the flip-averaged softmax."""
+        if not (self.tta_flips if tta is None else tta):
+            return self.inferer(image, self.net)
+        return flip_averaged_logits(lambda x: self.inferer(x, self.net), image)
+
+    def active_postprocess(self) -> dict[str, Any] | None:
+        """The postprocessing applied to test and prediction label maps: the fixed one, or the one chosen on
+        validation (this run's, or the checkpoint's `io_contract.postprocess` for a rebuilt module)."""
+        if self.postprocess_mode == "none":
+            return None
+        return self.postprocess_spec or (self.io_contract or {}).get("postprocess")
+
+    def postprocessed(self, pred: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Label maps [B, H, W, D] after `active_postprocess` (brain = non-zero voxels of the z-scored image)."""
+        spec = self.active_postprocess()
+        if not spec:
+            return pred
+        out = [postprocess(p.cpu().numpy(), brain_of(x.cpu().numpy()), spec) for p, x in zip(pred, image, strict=True)]
+        return torch.as_tensor(np.stack(out), device=pred.device, dtype=pred.dtype)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         logits = self.net(batch["image"])
@@ -141,9 +207,38 @@ class UNetSegmenter(MedensModule):
         batch = without_padding(batch)
         if batch is None or "label" not in batch:
             return
-        logits = self.predict_logits(batch["image"])
-        loss_mean.update(self.loss_fn(logits, batch["label"]).detach(), weight=batch["image"].shape[0])
-        metrics.update(logits.argmax(dim=1), batch["label"], spacing=batch.get("spacing"))
+        image = batch["image"]
+        logits = self.predict_logits(image, tta=self.tta_flips and (stage != "val" or self.tta_in_validation))
+        loss_mean.update(self.loss_fn(logits, batch["label"]).detach(), weight=image.shape[0])
+        pred = logits.argmax(dim=1)
+        if stage == "val" and self.candidate_dice is not None:
+            self._score_candidates(pred, batch["label"], image)
+        if stage != "val":
+            pred = self.postprocessed(pred, image)
+        metrics.update(pred, batch["label"], spacing=batch.get("spacing"))
+
+    def _score_candidates(self, pred: torch.Tensor, label: torch.Tensor, image: torch.Tensor) -> None:
+        assert self.candidate_dice is not None
+        for p, t, x in zip(pred.cpu().numpy(), label[:, 0].cpu().numpy(), image.cpu().numpy(), strict=True):
+            brain = brain_of(x)
+            rows = [region_dice(postprocess(p, brain, c), t) for c in self.postprocess_candidates]
+            self.candidate_dice.update(torch.tensor([[r["wt"], r["tc"], r["et"]] for r in rows]))
+
+    def _choose_postprocess(self) -> None:
+        """End of a validation epoch with `postprocess=choose`: keep the best candidate, log its Dice."""
+        assert self.candidate_dice is not None
+        with warnings.catch_warnings():  # collective under DDP: every rank calls it, also one that saw no case
+            warnings.filterwarnings("ignore", message=".*compute.*before the ..update", category=UserWarning)
+            means, n = self.candidate_dice.compute()
+        self.candidate_dice.reset()
+        if float(n) == 0:
+            return
+        table = [{"wt": float(m[0]), "tc": float(m[1]), "et": float(m[2])} for m in means]
+        best = best_candidate(table)
+        self.postprocess_spec = dict(self.postprocess_candidates[best])
+        self.log("val/postprocess_candidate", float(best), sync_dist=False, rank_zero_only=False)
+        self.log("val/dice_postprocessed", float(np.mean(list(table[best].values()))), sync_dist=False,
+                 rank_zero_only=False)  # fmt: skip
 
     def _log_epoch(self, stage: str, metrics: BraTSSegmentationMetrics, loss_mean: MeanMetric) -> None:
         # compute() is collective under DDP: every rank calls it, also one that saw no case
@@ -165,6 +260,8 @@ class UNetSegmenter(MedensModule):
     def log_epoch_metrics(self, stage: str) -> None:
         if stage == "val":
             self._log_epoch("val", self.val_metrics, self.val_loss)
+            if self.candidate_dice is not None:
+                self._choose_postprocess()
         else:
             self._log_epoch("test", self.test_metrics, self.test_loss)
 
@@ -172,5 +269,21 @@ class UNetSegmenter(MedensModule):
         logits = self.predict_logits(batch["image"])
         out = {k: v for k, v in batch.items() if k not in ("image",)}
         out["logits"] = logits  # evaluation samples voxels of them for calibration
-        out["pred"] = logits.argmax(dim=1, keepdim=True).to(torch.uint8)
+        out["pred"] = self.postprocessed(logits.argmax(dim=1), batch["image"])[:, None].to(torch.uint8)
         return out
+
+    # ------------------------------------------------------------------ checkpoint
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The base keys, plus the postprocessing this checkpoint's predictions get (chosen or fixed)."""
+        super().on_save_checkpoint(checkpoint)
+        spec = self.active_postprocess()
+        medens = checkpoint[MEDENS_KEY]
+        medens["postprocess"] = spec
+        hyper = medens["hyperparameters"]
+        hyper["io_contract"] = {**hyper.get("io_contract", {}), "postprocess": spec}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        spec = checkpoint.get(MEDENS_KEY, {}).get("postprocess")
+        if self.postprocess_mode == "choose" and spec:
+            self.postprocess_spec = dict(spec)

@@ -3,15 +3,18 @@
 Candidates: restrict every tumour label to the brain mask; remove connected components of the whole
 tumour smaller than ``min_size`` voxels; keep only the largest whole-tumour component. `choose_postprocess`
 scores each candidate on validation cases and keeps the one with the best mean whole-tumour Dice
-(ties go to the simpler one, listed first).
+(ties go to the simpler one, listed first). `flip_averaged_logits` is the test-time mirroring. The module,
+cross-validation and the server share these, so a served label map equals evaluation's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from medens.errors import ConfigError
@@ -73,6 +76,46 @@ DEFAULT_CANDIDATES: tuple[dict[str, Any], ...] = (
 )
 
 
+def brain_of(image: np.ndarray) -> np.ndarray:
+    """Brain mask [H, W, D] of a preprocessed case [C, H, W, D]: z-scored channels are exactly 0 outside it."""
+    return np.any(np.asarray(image) != 0, axis=0)
+
+
+def check_choice(value: Any, candidates: Sequence[Mapping[str, Any]] | None) -> tuple[str, dict[str, Any] | None, list[dict[str, Any]]]:
+    """``(mode, fixed spec, candidates)`` of a ``postprocess`` setting: ``none``, ``choose`` (on validation,
+    among `candidates` or `DEFAULT_CANDIDATES`) or one fixed candidate mapping."""
+    cands = [check_postprocess(c) for c in (candidates if candidates is not None else DEFAULT_CANDIDATES)]
+    if value is None or value == "none":
+        return "none", None, cands
+    if value == "choose":
+        if not cands:
+            raise ConfigError("postprocess=choose: the candidate list is empty")
+        return "choose", None, cands
+    if isinstance(value, Mapping):
+        return "fixed", check_postprocess(value), cands
+    raise ConfigError(f"postprocess must be none, choose or a candidate mapping {sorted(KEYS)}, got {value!r}")
+
+
+def best_candidate(table: Sequence[Mapping[str, Any]]) -> int:
+    """Index of the row with the best mean whole-tumour Dice; ties go to the simpler one, listed first."""
+    return max(range(len(table)), key=lambda i: (table[i]["wt"], -i))
+
+
+def flip_averaged_logits(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Test-time mirroring: log of the softmax averaged over every flip of the spatial axes of `x`
+    ([B, C, *spatial]), each prediction flipped back. Softmax of the result is the averaged probability,
+    so it stands in for logits wherever those are used (argmax, loss, temperature)."""
+    axes = range(2, x.ndim)
+    flips = [f for r in range(len(axes) + 1) for f in itertools.combinations(axes, r)]
+    total: torch.Tensor | None = None
+    for f in flips:
+        prob = torch.softmax(fn(torch.flip(x, dims=f) if f else x).float(), dim=1)
+        prob = torch.flip(prob, dims=f) if f else prob
+        total = prob if total is None else total + prob
+    assert total is not None
+    return torch.log((total / len(flips)).clamp_min(1e-8))
+
+
 def choose_postprocess(
     preds: Sequence[np.ndarray],
     truths: Sequence[np.ndarray],
@@ -87,5 +130,4 @@ def choose_postprocess(
         d = [region_dice(postprocess(p, b, spec), t) for p, t, b in zip(preds, truths, brains, strict=True)]
         table.append({"spec": check_postprocess(spec), "wt": float(np.mean([x["wt"] for x in d])),
                       "tc": float(np.mean([x["tc"] for x in d])), "et": float(np.mean([x["et"] for x in d]))})  # fmt: skip
-    best = max(range(len(table)), key=lambda i: (table[i]["wt"], -i))
-    return table[best]["spec"], table
+    return table[best_candidate(table)]["spec"], table

@@ -238,6 +238,11 @@ def _mri_response(
     temperature = temperature_of(served.entry.get("calibration"))
     probs = torch.softmax(torch.from_numpy(logits).float() / temperature, 0)
     labels = probs.argmax(0).numpy().astype(np.uint8)
+    post = served.inference.get("postprocess")
+    if post:  # the label-map postprocessing the checkpoint chose on validation (evaluation applies the same)
+        from medens.models.mri_postprocess import brain_of, postprocess
+
+        labels = postprocess(labels, brain_of(decoded["image"]), post).astype(np.uint8)
     spacing = np.asarray(decoded.get("spacing", [1.0, 1.0, 1.0]), dtype=np.float64)
     voxel_ml = float(np.prod(spacing)) / 1000.0
     names = served.label_names or [f"class_{i}" for i in range(probs.shape[0])]

@@ -221,6 +221,10 @@ class ServedModel:
         def net(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(self._forward(x.float())[0])
 
+        if self.inference.get("tta_flips"):  # evaluation's test-time mirroring, same function
+            from medens.models.mri_postprocess import flip_averaged_logits
+
+            return flip_averaged_logits(lambda v: inferer(v, net), image[None].float())[0].numpy()
         return inferer(image[None].float(), net)[0].numpy()
 
     def describe(self) -> dict[str, Any]:
