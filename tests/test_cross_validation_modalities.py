@@ -189,6 +189,69 @@ def test_xray_cross_validation_is_patient_grouped_and_merges(tmp_path: Path):
                                root=tmp_path / "m2"))  # fmt: skip
 
 
+def test_stratified_patient_folds_keep_patients_whole_and_share_out_each_findings_positives():
+    from medens.data.splits import patient_kfold
+
+    rng = np.random.default_rng(0)
+    pids, rows = [], []
+    for p in range(60):  # 60 patients, 1-6 images each; finding 1 is rare and clustered in a few patients
+        rare = p % 12 == 0
+        for _ in range(int(rng.integers(1, 7))):
+            pids.append(f"p{p}")
+            rows.append([rng.random() < 0.3, rare and rng.random() < 0.8])
+    y = np.array(rows, dtype=float)
+    spreads = {}
+    for name, labels in (("random", None), ("stratified", y)):
+        folds = patient_kfold(pids, 5, seed=3, labels=labels)
+        held = [set(np.array(pids)[f["val"]]) for f in folds]
+        assert sum(len(h) for h in held) == 60 and not set.intersection(*held[:2])  # each patient once
+        for f in folds:
+            assert not set(np.array(pids)[f["val"]]) & set(np.array(pids)[f["train"]])
+        counts = np.array([y[f["val"]].sum(0) for f in folds])
+        assert (counts.sum(0) == y.sum(0)).all()
+        spreads[name] = counts.max(0) - counts.min(0)
+    assert (spreads["stratified"] <= spreads["random"]).all() and spreads["stratified"].sum() < spreads["random"].sum()
+    assert patient_kfold(pids, 5, seed=3, labels=y) == patient_kfold(pids, 5, seed=3, labels=y)  # seeded
+
+
+def _pneumonia_like_npz(path: Path, n: int = 40) -> Path:
+    """A MedMNIST-format .npz (uint8 28x28 images, [N, 1] labels) whose label is a bright centre."""
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 120, (n, 28, 28), dtype=np.uint8)
+    labels = (np.arange(n) % 2).astype(np.uint8)[:, None]
+    imgs[labels[:, 0] == 1, 10:18, 10:18] = 250
+    half = n // 2
+    np.savez(path, train_images=imgs[:half], train_labels=labels[:half], val_images=imgs[half:],
+             val_labels=labels[half:], test_images=imgs[:2], test_labels=labels[:2])  # fmt: skip
+    return path
+
+
+def test_xray_cnn_fine_tunes_from_a_backbone_pretrained_on_other_chest_xrays(tmp_path: Path):
+    import torch
+
+    from medens.errors import DataError
+    from medens.evaluation.cv_xray import DEFAULTS, load_pretraining_images, pretrain_backbone, train_cnn
+
+    npz = _pneumonia_like_npz(tmp_path / "pneumonia.npz")
+    x, y = load_pretraining_images(npz, 16)
+    assert x.shape == (40, 16, 16) and y.shape == (40, 1) and 0.0 <= x.min() < x.max() <= 1.0
+    opts = {**DEFAULTS, "image_size": 16, "width": 4, "batch_size": 8, "pretrain": str(npz), "pretrain_epochs": 2}
+    backbone = pretrain_backbone(opts, seed=0)
+    assert backbone and not any(k.startswith("head.") for k in backbone)
+    rng = np.random.default_rng(1)
+    xs, ys = rng.random((24, 16, 16), dtype=np.float32), (rng.random((24, 14)) < 0.3).astype(np.float32)
+    # learning rate 0: the fine-tuned network is the pretrained one (convolutions), with a new 14-label head
+    still = {**opts, "lr": 0.0, "epochs": 1}
+    net, _ = train_cnn(xs[:16], ys[:16], xs[16:], ys[16:], still, seed=3, backbone=backbone)
+    assert torch.equal(net.stem[0].weight, backbone["stem.0.weight"])
+    assert net.head[1].out_features == 14
+    fresh, _ = train_cnn(xs[:16], ys[:16], xs[16:], ys[16:], still, seed=3)
+    assert not torch.equal(fresh.stem[0].weight, backbone["stem.0.weight"])
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=r"bad.npz: not a MedMNIST .npz"):
+        load_pretraining_images(tmp_path / "bad.npz", 16)
+
+
 TINY_MRI_CV = [
     "experiment=mri",
     "data.source.generator.n_cases=3",

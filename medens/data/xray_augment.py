@@ -216,10 +216,3 @@ def _base_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
     ys = (torch.arange(height, device=device, dtype=torch.float32) * 2 + 1) / height - 1
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([gx, gy, torch.ones_like(gx)], -1).view(-1, 3)
-
-
-def is_identity(aug: BatchAugment) -> bool:
-    """No random step configured (the batch transform then only scales and normalises)."""
-    return not any((aug.degrees, aug.translate, aug.scale, aug.shear, aug.brightness, aug.contrast,
-                    aug.hflip, aug.vflip))  # fmt: skip
-

@@ -13,28 +13,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from medens.evaluation.statistics import PatientBootstrap, weighted_auc
 from medens.utils.jsonio import write_json_strict
 
 log = logging.getLogger(__name__)
-
-
-def bootstrap_auc(y: np.ndarray, score: np.ndarray, n: int = 1000, seed: int = 0) -> dict[str, float]:
-    """AUC and its percentile 95% interval over `n` case resamples (one case = one patient here);
-    the same resampling as every other medens interval (medens.evaluation.statistics)."""
-    ok = np.isfinite(y) & np.isfinite(score)
-    y, score = y[ok].astype(int), score[ok]
-    if len(y) < 2 or y.min() == y.max():
-        return {"auc": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": int(len(y))}
-    boot = PatientBootstrap(np.arange(len(y)), n, seed, what="ensemble AUC")
-    r = boot.interval(lambda w: weighted_auc(y == 1, score, w))
-    nan = float("nan")
-    return {
-        "auc": float(roc_auc_score(y, score)),
-        "ci_low": nan if r["ci_low"] is None else r["ci_low"],
-        "ci_high": nan if r["ci_high"] is None else r["ci_high"],
-        "n": int(len(y)),
-    }
 
 
 def plot_roc(y: Mapping[str, np.ndarray], scores: Mapping[str, Mapping[str, np.ndarray]], path: Path) -> None:

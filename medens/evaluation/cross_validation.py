@@ -43,6 +43,16 @@ log = logging.getLogger(__name__)
 CV_KEYS = {"folds", "seeds", "checkpoint", "bootstrap", "baseline", "xray", "mri", "merge"}
 
 
+def recipe_options(cfg: DictConfig, name: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``cv.<name>`` merged over a recipe's `defaults` (one level deep); an unknown key is a ConfigError."""
+    user = OmegaConf.to_container(cfg.cv.get(name) or {}, resolve=True)
+    assert isinstance(user, dict)
+    unknown = set(user) - set(defaults)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) cv.{name}.{sorted(unknown)}; known: {sorted(defaults)}")
+    return {k: {**v, **(user.get(k) or {})} if isinstance(v, dict) else user.get(k, v) for k, v in defaults.items()}
+
+
 def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
     return float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else None
 

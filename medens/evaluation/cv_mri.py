@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from medens.errors import ConfigError, DataError
 from medens.evaluation.baselines import choose_flair_threshold, flair_threshold_segment
@@ -70,15 +70,11 @@ DEFAULTS: dict[str, Any] = {
 
 def mri_options(cfg: DictConfig) -> dict[str, Any]:
     """``cv.mri`` merged over `DEFAULTS`; unknown keys are a ConfigError."""
-    user = OmegaConf.to_container(cfg.cv.get("mri") or {}, resolve=True)
-    assert isinstance(user, dict)
-    unknown = set(user) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) cv.mri.{sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    opts = {**DEFAULTS, **user}
-    opts["net"] = {**DEFAULTS["net"], **(user.get("net") or {})}
+    from medens.evaluation.cross_validation import recipe_options
+
+    opts = recipe_options(cfg, "mri", DEFAULTS)
     if int(opts["steps"]) < 1 or int(opts["batch_size"]) < 1 or int(opts["context"]) < 0:
-        raise ConfigError(f"cv.mri: steps, batch_size >= 1 and context >= 0 needed, got {user}")
+        raise ConfigError(f"cv.mri: steps, batch_size >= 1 and context >= 0 needed, got {opts}")
     return opts
 
 

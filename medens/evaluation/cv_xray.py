@@ -3,11 +3,12 @@
 `python scripts/cross_validate.py experiment=xray_samples` (with `cv.xray.*`). The images and the 14
 NIH labels come through the project's NIH readers (`read_nih_table`, `load_xray_image`); every image is
 decoded once to greyscale at ``cv.xray.image_size``. For each fold (patient-grouped, `patient_kfold` with
-``data.seed``) an inner validation split of the fold's *training* patients (``inner_val_fraction``)
+``data.seed``, stratified by finding with ``stratify``) an inner validation split of the fold's *training* patients (``inner_val_fraction``)
 chooses the baseline's regularisation and the model's early-stopping epoch; the held-out patients are
 only scored.
 
-Model: a small residual CNN trained from scratch (no ImageNet weights on this machine) with
+Model: a small residual CNN, trained from scratch or (``pretrain``) first on another chest X-ray set that
+holds no NIH image (PneumoniaMNIST among the samples; no ImageNet weights on this machine), with
 class-balanced BCE, affine + intensity augmentation, early stopping on the inner validation mean AUC,
 and the mean probability of ``seeds`` models. Figures: per-fold and pooled mean AUC over the labels with
 at least ``min_positives`` held-out positives, and a paired patient bootstrap of the pooled difference.
@@ -29,7 +30,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from medens.data.splits import patient_kfold, patient_split
 from medens.data.xray import NIH_LABELS, find_label_csv, load_xray_image, read_nih_table
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "n_folds": 5,
+    "stratify": True,  # deal patients so that every fold gets ~1/k of each finding's positives
     "inner_val_fraction": 0.15,
     "image_size": 32,
     "width": 16,  # channels of the first stage (x2 per stage, 4 stages)
@@ -60,6 +62,8 @@ DEFAULTS: dict[str, Any] = {
     "scale": 0.08,
     "intensity": 0.15,
     "seeds": [0, 1],
+    "pretrain": None,  # a MedMNIST .npz of other chest X-rays (e.g. PneumoniaMNIST): pretrain the CNN on it first
+    "pretrain_epochs": 8,
     "calibrate": "none",  # platt: per label, on the inner validation cases, before seeds and folds are pooled
     "min_positives": 5,  # labels scored: at least this many positives among the held-out cases
     "baseline_size": 32,
@@ -69,12 +73,9 @@ DEFAULTS: dict[str, Any] = {
 
 
 def xray_options(cfg: DictConfig) -> dict[str, Any]:
-    user = OmegaConf.to_container(cfg.cv.get("xray") or {}, resolve=True)
-    assert isinstance(user, dict)
-    unknown = set(user) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) cv.xray.{sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    opts = {**DEFAULTS, **user}
+    from medens.evaluation.cross_validation import recipe_options
+
+    opts = recipe_options(cfg, "xray", DEFAULTS)
     if opts["calibrate"] not in ("none", "platt"):
         raise ConfigError(f"cv.xray.calibrate must be none or platt, got {opts['calibrate']!r}")
     if not 0 < float(opts["inner_val_fraction"]) < 1:
@@ -159,10 +160,58 @@ def _predict(net: nn.Module, x: torch.Tensor) -> np.ndarray:
         return torch.cat([torch.sigmoid(net(x[i : i + 256])) for i in range(0, len(x), 256)]).numpy()
 
 
+def load_pretraining_images(path: str | Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images [N, size, size] in [0, 1], labels [N, k]) of a MedMNIST .npz's train and val splits (its test
+    split stays unused): the other chest X-ray set the CNN is pretrained on."""
+    path = Path(path)
+    try:
+        with np.load(path) as d:
+            imgs = np.concatenate([d["train_images"], d["val_images"]])
+            labels = np.concatenate([d["train_labels"], d["val_labels"]]).reshape(len(imgs), -1)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"{path}: not a MedMNIST .npz with train/val images and labels ({exc})") from exc
+    if imgs.ndim == 4:  # RGB MedMNIST sets: luminance
+        imgs = imgs @ np.array([0.299, 0.587, 0.114])
+    x = torch.from_numpy(imgs.astype(np.float32) / 255.0)[:, None]
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)[:, 0].numpy()
+    return x, labels.astype(np.float32)
+
+
+def pretrain_backbone(opts: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """Stem and residual stages of a `SmallResNet` trained on `opts["pretrain"]` (no NIH image is used, so
+    one backbone serves every fold); the head is the fine-tuning's own."""
+    x, y = load_pretraining_images(opts["pretrain"], int(opts["image_size"]))
+    if y.max() > 1:  # multi-class labels in one column: one-hot
+        y = np.eye(int(y.max()) + 1, dtype=np.float32)[y[:, 0].astype(int)]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    mu, sd = float(x.mean()), float(x.std() + 1e-6)
+    xt, yt = torch.from_numpy((x - mu) / sd)[:, None].float(), torch.from_numpy(y)
+    net = SmallResNet(y.shape[1], int(opts["width"]), float(opts["dropout"]))
+    epochs, bs = int(opts["pretrain_epochs"]), int(opts["batch_size"])
+    optim = torch.optim.AdamW(net.parameters(), lr=float(opts["lr"]), weight_decay=float(opts["weight_decay"]))
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, float(opts["lr"]), total_steps=epochs * math.ceil(len(xt) / bs))
+    net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), bs):
+            idx = order[i : i + bs]
+            xb = _augment(xt[idx], opts, gen) if opts["augment"] else xt[idx]
+            loss = F.binary_cross_entropy_with_logits(net(xb), yt[idx])
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+    log.info("pretrained on %s: %d images, %d epochs, last loss %.4f", opts["pretrain"], len(xt), epochs, float(loss.detach()))
+    return {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("head.")}
+
+
 def train_cnn(
-    x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, opts: Mapping[str, Any], seed: int
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Train with early stopping on the inner validation mean AUC; returns the best epoch's weights."""
+    x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, opts: Mapping[str, Any], seed: int,
+    backbone: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """Train with early stopping on the inner validation mean AUC; returns the best epoch's weights.
+    `backbone`: pretrained stem and stages to start from (`pretrain_backbone`)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     mu, sd = float(x_tr.mean()), float(x_tr.std() + 1e-6)
@@ -170,6 +219,9 @@ def train_cnn(
     xv = torch.from_numpy((x_va - mu) / sd)[:, None].float()
     yt = torch.from_numpy(y_tr).float()
     net = SmallResNet(y_tr.shape[1], int(opts["width"]), float(opts["dropout"]))
+    if backbone is not None:
+        missing = net.load_state_dict(dict(backbone), strict=False).missing_keys
+        assert all(k.startswith("head.") for k in missing), missing
     net.norm = (mu, sd)  # type: ignore[assignment]
     pos = yt.sum(0)
     # class balance per label: negatives/positives, capped (1.0: plain BCE, no balancing)
@@ -240,13 +292,14 @@ def cross_validate_xray(cfg: DictConfig) -> dict[str, Any]:
     pids = df["Patient ID"].astype(str).to_numpy()
     seed = int(cfg.data.get("seed", cfg.get("seed", 0)) or 0)
     n_folds = int(opts["n_folds"])
-    folds = patient_kfold(list(pids), n_folds, seed)
+    folds = patient_kfold(list(pids), n_folds, seed, labels=y if opts["stratify"] else None)
     run = cfg.cv.get("folds")
     run = list(range(n_folds)) if run is None else [int(f) for f in run]
     prob_m = np.full(y.shape, np.nan)
     prob_b = np.full(y.shape, np.nan)
     fold_of = np.full(len(y), -1)
     rows = []
+    backbones = {int(s): pretrain_backbone(opts, int(s)) for s in opts["seeds"]} if opts["pretrain"] else {}
     for k in run:
         tf, tc = time.perf_counter(), _cpu_seconds()
         tr_all, te = np.asarray(folds[k]["train"]), np.asarray(folds[k]["val"])
@@ -259,7 +312,7 @@ def cross_validate_xray(cfg: DictConfig) -> dict[str, Any]:
         prob_b[te] = base.predict_proba(x[te])
         runs, probs = [], []
         for s in opts["seeds"]:
-            net, info = train_cnn(x[tr], y[tr], x[va], y[va], opts, int(s) + 100 * k)
+            net, info = train_cnn(x[tr], y[tr], x[va], y[va], opts, int(s) + 100 * k, backbones.get(int(s)))
             p_te = predict_cnn(net, x[te])
             if opts["calibrate"] == "platt":  # one probability scale for the folds and seeds that are pooled
                 cal = fit_calibration(predict_cnn(net, x[va]), y[va], NIH_LABELS, "platt")

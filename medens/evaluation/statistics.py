@@ -156,11 +156,6 @@ class PatientBootstrap:
         counts = np.bincount(flat, minlength=d.shape[0] * p).reshape(d.shape[0], p).astype(np.float64)
         return counts[:, self.case_patient]
 
-    def resample_indices(self, b: int) -> np.ndarray:
-        """Case indices of resample ``b`` (the concatenated list the weights stand for)."""
-        groups = [np.flatnonzero(self.case_patient == i) for i in range(len(self.patients))]
-        return np.concatenate([groups[i] for i in self.draws[b]])
-
     def replicates(self, stat: WeightedStat, mask: np.ndarray | None = None) -> np.ndarray:
         """The statistic on every resample ([n_resamples], NaN where undefined). ``mask`` restricts the
         statistic to some cases (e.g. known labels) while keeping the patient draws."""

@@ -117,13 +117,6 @@ def atomic_path(
             _fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> Path:
-    """Write `data` to `path` atomically (see `atomic_path`); returns `path`."""
-    with atomic_path(path, exclusive=exclusive) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
 def atomic_write_text(
     path: str | os.PathLike, text: str, *, exclusive: bool = False, encoding: str = "utf-8"
 ) -> Path:

@@ -10,7 +10,6 @@ so a truncated `.raw` or a folder that mixes two DICOM series never becomes a si
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,11 +62,6 @@ def scan_stem(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
-
-
-def is_scan_file(path: Path) -> bool:
-    """True for a file name medens can read as a single-file (or header + raw) scan."""
-    return path.is_file() and path.name.lower().endswith(SCAN_SUFFIXES)
 
 
 def read_metaimage_header(path: Path) -> dict[str, str]:
@@ -199,11 +193,6 @@ def _read_dicom_headers(folder: Path, with_pixels: bool) -> list[tuple[Path, obj
     return out
 
 
-def dicom_series_uids(folder: str | os.PathLike) -> dict[str, list[Path]]:
-    """The series UIDs in a folder, each with its files (headers only, for indexing)."""
-    return {uid: files for uid, (files, _) in dicom_series_patients(folder).items()}
-
-
 def dicom_series_patients(folder: str | os.PathLike) -> dict[str, tuple[list[Path], str | None]]:
     """Per series UID in a folder: its files and the DICOM PatientID (0010,0020), None where empty.
 
@@ -321,16 +310,3 @@ def read_scan(path: str | os.PathLike) -> Scan:
             f"{path}: not a supported scan (expected {', '.join(SCAN_SUFFIXES)} or a DICOM folder)"
         )
     return read_image_file(path)
-
-
-def scan_data_files(path: Path) -> Iterable[Path]:
-    """The files whose content a scan depends on (header and raw), for cache fingerprints."""
-    path = Path(path)
-    if path.is_dir():
-        yield from _dicom_files(path)
-        return
-    yield path
-    if path.name.lower().endswith(".mhd"):
-        data_file = read_metaimage_header(path).get("ElementDataFile", "")
-        if data_file and data_file.upper() not in ("LOCAL", "LIST") and "%" not in data_file:
-            yield path.parent / data_file
