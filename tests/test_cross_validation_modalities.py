@@ -117,6 +117,7 @@ TINY_XRAY_CV = [
     "cv.xray.width=4",
     "cv.xray.epochs=2",
     "cv.xray.seeds=[0]",
+    "cv.xray.pretrain=null",  # (pretraining has its own test)
     "cv.xray.min_positives=1",
     "cv.xray.baseline_c=[0.1]",
     "cv.bootstrap=20",

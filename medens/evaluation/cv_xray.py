@@ -3,7 +3,7 @@
 `python scripts/cross_validate.py experiment=xray_samples` (with `cv.xray.*`). The images and the 14
 NIH labels come through the project's NIH readers (`read_nih_table`, `load_xray_image`); every image is
 decoded once to greyscale at ``cv.xray.image_size``. For each fold (patient-grouped, `patient_kfold` with
-``data.seed``, stratified by finding with ``stratify``) an inner validation split of the fold's *training* patients (``inner_val_fraction``)
+``data.seed``; by finding too with ``stratify``) an inner validation split of the fold's *training* patients (``inner_val_fraction``)
 chooses the baseline's regularisation and the model's early-stopping epoch; the held-out patients are
 only scored.
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULTS: dict[str, Any] = {
     "n_folds": 5,
-    "stratify": True,  # deal patients so that every fold gets ~1/k of each finding's positives
+    "stratify": False,  # true: deal patients so that every fold gets ~1/k of each finding's positives
     "inner_val_fraction": 0.15,
     "image_size": 32,
     "width": 16,  # channels of the first stage (x2 per stage, 4 stages)
@@ -61,8 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "translate": 0.06,
     "scale": 0.08,
     "intensity": 0.15,
-    "seeds": [0, 1],
-    "pretrain": None,  # a MedMNIST .npz of other chest X-rays (e.g. PneumoniaMNIST): pretrain the CNN on it first
+    "seeds": [0, 1, 2, 3],
+    "pretrain": None,  # a MedMNIST .npz of other chest X-rays to pretrain on (conf: the samples' PneumoniaMNIST)
     "pretrain_epochs": 8,
     "calibrate": "none",  # platt: per label, on the inner validation cases, before seeds and folds are pooled
     "min_positives": 5,  # labels scored: at least this many positives among the held-out cases
