@@ -118,7 +118,9 @@ def test_real_brats2015_experiment_short(tmp_path, samples_dir: Path):
     out = cli_ok(run_cli(
         "train.py", "experiment=mri_brats2015", "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1",
         "data.samples_per_volume=1", "model.net.channels=[4,8,16]",
-        "model.net.strides=[2,2]", "trainer.enable_progress_bar=false", "logger=none", root=tmp_path, env=env,
+        "model.net.strides=[2,2]", "trainer.enable_progress_bar=false", "logger=none",
+        # validation mirrored like evaluation, no postprocessing: evaluation's Dice must equal validation's
+        "model.tta_in_validation=true", "model.postprocess=none", root=tmp_path, env=env,
     ))  # fmt: skip
     assert "3 cases (train 2, val 1, test 0" in out
     folder = tmp_path / "saved_models" / "mri"
@@ -136,6 +138,7 @@ def test_real_brats2015_experiment_short(tmp_path, samples_dir: Path):
     report = json.loads((run / "metrics.json").read_text())
     ((cid, case),) = report["per_case"].items()
     assert cid.startswith("brats_2013_pat000") and case["dice_wt"] == pytest.approx(history[0]["val/dice_wt"], abs=1e-5)
+    assert report["tta_flips"] is True and report["postprocess"] is None
     pred_img = nib.load(str(run / "predictions" / f"{cid}_pred.nii.gz"))
     ref = nib.load(str(samples_dir / "brats2015" / cid / "OTMultiClass.nii.gz"))
     assert pred_img.shape == ref.shape == (240, 240, 155)
