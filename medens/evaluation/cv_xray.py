@@ -3,9 +3,9 @@
 `python scripts/cross_validate.py experiment=xray_samples` (with `cv.xray.*`). The images and the 14
 NIH labels come through the project's NIH readers (`read_nih_table`, `load_xray_image`); every image is
 decoded once to greyscale at ``cv.xray.image_size``. For each fold (patient-grouped, `patient_kfold` with
-``data.seed``; by finding too with ``stratify``) an inner validation split of the fold's *training* patients (``inner_val_fraction``)
-chooses the baseline's regularisation and the model's early-stopping epoch; the held-out patients are
-only scored.
+``data.seed``; by finding too with ``stratify``) an inner validation split of the fold's *training*
+patients (``inner_val_fraction``) chooses the baseline's regularisation and the model's early-stopping
+epoch; the held-out patients are only scored.
 
 Model: a small residual CNN, trained from scratch or (``pretrain``) first on another chest X-ray set that
 holds no NIH image (PneumoniaMNIST among the samples; no ImageNet weights on this machine), with
