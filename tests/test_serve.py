@@ -479,6 +479,7 @@ def test_served_mri_probabilities_apply_the_manifest_temperature_and_keep_the_la
     served = ServedModel.__new__(ServedModel)
     served.label_names = ["background", "necrotic_core", "edema", "enhancing"]
     served.io_contract = {"regions": {"wt": [1, 2, 3]}}
+    served.inference = {}  # no postprocessing recorded: the label map is the argmax
     logits = np.random.default_rng(0).normal(scale=3.0, size=(4, 5, 5, 4)).astype(np.float32)
     decoded = {"spacing": [1.0, 1.0, 1.0]}
     answers = {}
