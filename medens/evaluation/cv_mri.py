@@ -37,7 +37,14 @@ from omegaconf import DictConfig, open_dict
 from medens.errors import ConfigError, DataError
 from medens.evaluation.baselines import choose_flair_threshold, flair_threshold_segment
 from medens.evaluation.statistics import paired_dice_comparison
-from medens.models.mri_postprocess import DEFAULT_CANDIDATES, choose_postprocess, postprocess, region_dice
+from medens.models.mri_postprocess import (
+    DEFAULT_CANDIDATES,
+    brain_of,
+    choose_postprocess,
+    flip_averaged_logits,
+    postprocess,
+    region_dice,
+)
 from medens.utils.jsonio import write_json_strict
 
 log = logging.getLogger(__name__)
@@ -101,7 +108,7 @@ def load_cases(cfg: DictConfig) -> tuple[list[dict[str, Any]], list[str]]:
                 "patient_id": _pid(dm, cid),
                 "image": img,
                 "label": np.asarray(item["label"])[0].astype(np.int64),
-                "brain": np.any(img != 0, axis=0),  # z-scored channels are 0 outside the brain
+                "brain": brain_of(img),
             }
         )
     if "flair" not in dm.modalities:
@@ -223,25 +230,21 @@ def train_model(cases: list[dict[str, Any]], opts: Mapping[str, Any], seed: int)
 
 @torch.no_grad()
 def predict_case(net: UNet, image: np.ndarray, opts: Mapping[str, Any]) -> np.ndarray:
-    """Softmax [4, H, W, D] over every axial slice (padded to the net's stride), averaged over flips."""
+    """Log-softmax [4, H, W, D] over every axial slice (padded to the net's stride); with ``tta_flips`` the
+    log of the softmax averaged over the slice's mirrorings (`flip_averaged_logits`, as the 3D module)."""
     net.eval()
     ctx = int(opts["context"])
     _, h, w, d = image.shape
     m = int(np.prod(opts["net"]["strides"]))
     ph, pw = (-h) % m, (-w) % m
-    flips = [(), (2,), (3,), (2, 3)] if opts["tta_flips"] else [()]
     out = np.zeros((4, h, w, d), dtype=np.float32)
     bs = int(opts["eval_batch"])
     for z0 in range(0, d, bs):
         zs = list(range(z0, min(d, z0 + bs)))
         x = torch.from_numpy(np.stack([_slab(image, z, ctx) for z in zs]))
         x = F.pad(x, (0, pw, 0, ph))
-        prob = torch.zeros(len(zs), 4, h + ph, w + pw)
-        for f in flips:
-            xf = x.flip(f) if f else x
-            p = torch.softmax(net(xf), 1)
-            prob += p.flip(f) if f else p
-        out[..., zs] = (prob[:, :, :h, :w] / len(flips)).permute(1, 2, 3, 0).numpy()
+        logp = flip_averaged_logits(net, x) if opts["tta_flips"] else torch.log_softmax(net(x), 1)
+        out[..., zs] = logp[:, :, :h, :w].permute(1, 2, 3, 0).numpy()
     return out
 
 

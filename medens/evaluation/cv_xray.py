@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +177,29 @@ def load_pretraining_images(path: str | Path, size: int) -> tuple[np.ndarray, np
     return x, labels.astype(np.float32)
 
 
+def _train_epochs(
+    net: nn.Module, xt: torch.Tensor, yt: torch.Tensor, opts: Mapping[str, Any], gen: torch.Generator,
+    epochs: int, pos_weight: torch.Tensor | None = None,
+) -> Iterator[float]:  # fmt: skip
+    """AdamW with a one-cycle schedule over `epochs` epochs of shuffled, augmented batches (BCE, optionally
+    class-balanced); yields the last batch's loss after each epoch, so a caller can validate or stop."""
+    bs = int(opts["batch_size"])
+    optim = torch.optim.AdamW(net.parameters(), lr=float(opts["lr"]), weight_decay=float(opts["weight_decay"]))
+    sched = torch.optim.lr_scheduler.OneCycleLR(optim, float(opts["lr"]), total_steps=epochs * math.ceil(len(xt) / bs))
+    for _ in range(epochs):
+        net.train()
+        order = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), bs):
+            idx = order[i : i + bs]
+            xb = _augment(xt[idx], opts, gen) if opts["augment"] else xt[idx]
+            loss = F.binary_cross_entropy_with_logits(net(xb), yt[idx], pos_weight=pos_weight)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+        yield float(loss.detach())
+
+
 def pretrain_backbone(opts: Mapping[str, Any], seed: int) -> dict[str, torch.Tensor]:
     """Stem and residual stages of a `SmallResNet` trained on `opts["pretrain"]` (no NIH image is used, so
     one backbone serves every fold); the head is the fine-tuning's own."""
@@ -188,21 +211,10 @@ def pretrain_backbone(opts: Mapping[str, Any], seed: int) -> dict[str, torch.Ten
     mu, sd = float(x.mean()), float(x.std() + 1e-6)
     xt, yt = torch.from_numpy((x - mu) / sd)[:, None].float(), torch.from_numpy(y)
     net = SmallResNet(y.shape[1], int(opts["width"]), float(opts["dropout"]))
-    epochs, bs = int(opts["pretrain_epochs"]), int(opts["batch_size"])
-    optim = torch.optim.AdamW(net.parameters(), lr=float(opts["lr"]), weight_decay=float(opts["weight_decay"]))
-    sched = torch.optim.lr_scheduler.OneCycleLR(optim, float(opts["lr"]), total_steps=epochs * math.ceil(len(xt) / bs))
-    net.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), bs):
-            idx = order[i : i + bs]
-            xb = _augment(xt[idx], opts, gen) if opts["augment"] else xt[idx]
-            loss = F.binary_cross_entropy_with_logits(net(xb), yt[idx])
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            sched.step()
-    log.info("pretrained on %s: %d images, %d epochs, last loss %.4f", opts["pretrain"], len(xt), epochs, float(loss.detach()))
+    epochs = int(opts["pretrain_epochs"])
+    losses = list(_train_epochs(net, xt, yt, opts, gen, epochs))
+    log.info("pretrained on %s: %d images, %d epochs, last loss %.4f", opts["pretrain"], len(xt), epochs,
+             losses[-1] if losses else float("nan"))  # fmt: skip
     return {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("head.")}
 
 
@@ -226,26 +238,9 @@ def train_cnn(
     pos = yt.sum(0)
     # class balance per label: negatives/positives, capped (1.0: plain BCE, no balancing)
     pos_weight = ((len(yt) - pos) / pos.clamp(min=1)).clamp(min=1.0, max=float(opts["max_pos_weight"]))
-    optim = torch.optim.AdamW(
-        net.parameters(), lr=float(opts["lr"]), weight_decay=float(opts["weight_decay"])
-    )
-    epochs, bs = int(opts["epochs"]), int(opts["batch_size"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        optim, float(opts["lr"]), total_steps=epochs * math.ceil(len(xt) / bs)
-    )
     best: dict[str, Any] = {"auc": -1.0, "epoch": -1, "state": None}
     history = []
-    for epoch in range(epochs):
-        net.train()
-        order = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), bs):
-            idx = order[i : i + bs]
-            xb = _augment(xt[idx], opts, gen) if opts["augment"] else xt[idx]
-            loss = F.binary_cross_entropy_with_logits(net(xb), yt[idx], pos_weight=pos_weight)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            optim.step()
-            sched.step()
+    for epoch, _ in enumerate(_train_epochs(net, xt, yt, opts, gen, int(opts["epochs"]), pos_weight)):
         auc = mean_auc(y_va, _predict(net, xv))
         history.append(auc)
         if auc is not None and auc > best["auc"]:

@@ -29,6 +29,7 @@ import torch
 from scipy.optimize import minimize
 
 from medens.errors import ConfigError
+from medens.models.mri_postprocess import brain_of
 
 KIND = "softmax_temperature"
 FORMULA = "p(class) = softmax(logits / temperature); p(region) = sum of p(class) over the region's classes"
@@ -55,7 +56,7 @@ class VoxelSample:
             return
         logits = _numpy(logits)
         label = _numpy(label).reshape(logits.shape[1:])
-        brain = np.flatnonzero((_numpy(image) != 0).any(axis=0))
+        brain = np.flatnonzero(brain_of(_numpy(image)))
         if brain.size == 0:
             return
         rng = np.random.default_rng([self.seed, zlib.crc32(str(case_id).encode())])
