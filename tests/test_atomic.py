@@ -62,3 +62,56 @@ def test_publish_first_free_skips_taken_names(tmp_path):
     assert got.name == "a_1.tar.gz" and got.read_text() == "mine"
     assert (tmp_path / "a.tar.gz").read_text() == "taken"
     assert sorted(os.listdir(tmp_path)) == ["a.tar.gz", "a_1.tar.gz"]
+
+
+def test_report_writers_keep_the_old_file_when_writing_fails(tmp_path):
+    """Figures, CSV tables and prediction label maps go through the atomic write too: a writer that dies
+    half-way leaves the previous file whole and no temporary file behind."""
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+    import numpy as np
+    import pandas as pd
+
+    from medens.data.mri.transforms import write_prediction_nifti
+    from medens.evaluation.classification import save_figure
+    from medens.utils.atomic import write_csv
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    png = save_figure(fig, tmp_path / "figs" / "roc.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    write_csv(pd.DataFrame({"case": ["a"], "p": [0.25]}), tmp_path / "predictions.csv")
+    assert pd.read_csv(tmp_path / "predictions.csv").to_dict("list") == {"case": ["a"], "p": [0.25]}
+
+    class HalfWritten:
+        def to_csv(self, path, index):
+            open(path, "w").write("case,p\nb,")
+            raise OSError("disk full")
+
+        def savefig(self, path, **kwargs):
+            open(path, "wb").write(b"\x89PNG half")
+            raise OSError("disk full")
+
+        def tight_layout(self):
+            pass
+
+    with pytest.raises(OSError, match="disk full"):
+        write_csv(HalfWritten(), tmp_path / "predictions.csv")
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(HalfWritten(), png)
+    assert pd.read_csv(tmp_path / "predictions.csv")["case"].tolist() == ["a"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and len(png.read_bytes()) > 1000
+    assert sorted(os.listdir(tmp_path)) == ["figs", "predictions.csv"] and os.listdir(png.parent) == ["roc.png"]
+
+    # a label map: nibabel's own reader gets back the labels, the affine and its codes
+    label = np.zeros((4, 5, 6), np.uint8)
+    label[1:3, 2, 3:5] = 2
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    meta = {"crop_start": np.zeros(3, int), "original_shape": np.array(label.shape), "affine": affine}
+    for name in ("case_pred.nii.gz", "case_pred.nii"):
+        out = write_prediction_nifti(label, meta, tmp_path / "pred" / name)
+        img = nib.load(out)
+        assert np.array_equal(np.asarray(img.dataobj), label) and np.allclose(img.affine, affine)
+        assert int(img.header["sform_code"]) == 1 and int(img.header["qform_code"]) == 1
+    assert (tmp_path / "pred" / "case_pred.nii.gz").read_bytes()[:2] == b"\x1f\x8b"
+    assert sorted(os.listdir(tmp_path / "pred")) == ["case_pred.nii", "case_pred.nii.gz"]

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 import medens  # noqa: F401  (registers resolvers)
+from medens.benchmarks.record import write_benchmark_result
 from medens.data.ct import io as ct_io
 from medens.data.ct.cache import extract_record_patches
 from medens.data.ct.datamodule import CTDataModule
@@ -169,9 +170,7 @@ def run(args: argparse.Namespace) -> Path:
         "speedup_uncached_over_cached": med["uncached"] / med["cached"],
     }
     shutil.rmtree(cache_dir, ignore_errors=True)
-    out = ROOT / "outputs" / "benchmarks" / f"ct_patch_cache_{datetime.now():%Y%m%d_%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_benchmark_result(ROOT / "outputs" / "benchmarks", f"ct_patch_cache_{datetime.now():%Y%m%d_%H%M%S}.json", result)
     print(
         json.dumps({k: result[k] for k in ("median_epoch_seconds", "speedup_uncached_over_cached")}, indent=2)
     )

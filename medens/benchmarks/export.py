@@ -24,7 +24,6 @@ rounds are done (the CT network at batch 32 takes about a minute per call on 2 c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -42,6 +41,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import medens  # noqa: F401  (registers resolvers)
+from medens.benchmarks.record import write_benchmark_result
 from medens.export import export_module, load_runner, load_source_network
 from medens.models.xray import build_resnet
 
@@ -202,9 +202,7 @@ def run(args: argparse.Namespace) -> Path:
             report["models"][model] = entry
             del runners, net
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = write_benchmark_result(Path(args.out).parent, Path(args.out).name, report)
     header = f"{'model':<5} {'batch':>5}  {'backend':<12} {'median ms':>10} {'ms/sample':>10} {'runs':>4}"
     header += "  max|diff| vs eager"
     print("\n" + header + "\n" + "-" * len(header))

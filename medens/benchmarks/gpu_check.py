@@ -242,6 +242,12 @@ def no_gpu_doc() -> dict | None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """All sections, in a scratch folder (configs' output and cache dirs) that is removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="medens_gpu_check_", ignore_cleanup_errors=True) as root:
+        return _run_sections(args, root)
+
+
+def _run_sections(args: argparse.Namespace, root: str) -> dict:
     """All sections; a section that would exceed the time budget is skipped and named."""
     device = torch.device(args.device)
     tiny = args.tiny
@@ -258,7 +264,6 @@ def run(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     backend = args.compile_backend
     warmup, steps = (1, 2) if tiny else (args.warmup, args.steps)
-    root = tempfile.mkdtemp(prefix="medens_gpu_check_")
 
     def section(name: str, fn: Callable[[], dict]) -> None:
         elapsed = time.perf_counter() - start

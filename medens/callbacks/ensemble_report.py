@@ -28,6 +28,7 @@ from medens.evaluation.statistics import (
     paired_auc_comparison,
     weighted_auc,
 )
+from medens.utils.atomic import write_csv
 from medens.utils.jsonio import write_json_strict
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ class EnsembleReport(Callback):
         for t in dm.targets:
             for m, s in scores[t].items():
                 pred[f"{t}.{m}"] = s
-        pred.to_csv(self.report_dir / "predictions.csv", index=False)
+        write_csv(pred, self.report_dir / "predictions.csv")
         write_report(self.report_dir, summary)
         self.summary = summary
         log.info(

@@ -13,6 +13,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from medens.evaluation.classification import save_figure
+from medens.evaluation.report_html import table, write_page
+from medens.utils.atomic import atomic_write_text
 from medens.utils.jsonio import write_json_strict
 
 log = logging.getLogger(__name__)
@@ -37,9 +40,7 @@ def plot_roc(y: Mapping[str, np.ndarray], scores: Mapping[str, Mapping[str, np.n
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(title=t, xlabel="1 - specificity", ylabel="sensitivity")
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _num(v: Any) -> float:
@@ -121,22 +122,13 @@ def write_report(out_dir: Path, summary: Mapping[str, Any]) -> dict[str, Path]:
     md = "\n".join(lines)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
     write_json_strict(paths["json"], summary)
-    paths["md"].write_text(md)
-    rows = "".join(
-        "<tr><td>" + html.escape(m) + "</td>"
-        + "".join(f"<td>{html.escape(_fmt(summary['auc'][m][t]))}</td>" for t in targets)
-        + f"<td><b>{_num(summary['mean_auc'][m]):.3f}</b></td></tr>"
-        for m in methods
-    )  # fmt: skip
-    head = "".join(f"<th>{html.escape(t)}</th>" for t in targets)
-    paths["html"].write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>medens ensemble report</title>"
-        "<style>body{font-family:sans-serif;max-width:60em}td,th{padding:4px 10px;border-bottom:1px solid #ccc}</style>"
-        f"</head><body><h1>Stacking ensemble report</h1><p>{summary['n_test']} held-out patients; AUC [95% CI]</p>"
-        f"<table><tr><th>method</th>{head}<th>mean AUC</th></tr>{rows}</table>"
-        f"<p>Meta-learner vs best single modality ({html.escape(best['method'])}): "
-        f"{_num(summary['gain_over_best_single']):+.3f} mean AUC.</p>"
-        + "".join(f"<p>{html.escape(line[2:])}</p>" for line in _comparison_lines(summary))
-        + "<img src='roc_curves.png' width='100%'></body></html>"
-    )
+    atomic_write_text(paths["md"], md)
+    rows = [[m, *(_fmt(summary["auc"][m][t]) for t in targets), f"{_num(summary['mean_auc'][m]):.3f}"] for m in methods]
+    body = (table(["method", *targets, "mean AUC"], rows)
+            + f"<p>Meta-learner vs best single modality ({html.escape(best['method'])}): "
+            f"{_num(summary['gain_over_best_single']):+.3f} mean AUC.</p>"
+            + "".join(f"<p>{html.escape(line[2:])}</p>" for line in _comparison_lines(summary))
+            + "<img src='roc_curves.png' width='100%'>")  # fmt: skip
+    write_page(paths["html"], "Stacking ensemble report", [("AUC [95% CI]", body)],
+               f"{summary['n_test']} held-out patients")  # fmt: skip
     return paths

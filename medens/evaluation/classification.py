@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_curve  # noqa: E402
 
 from medens.metrics.classification import LabelROC, mean_defined, operating_point, per_label_auroc  # noqa: E402
+from medens.utils.atomic import atomic_path  # noqa: E402
 
 
 def auc_per_class(probs: np.ndarray, targets: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
@@ -34,11 +35,14 @@ def auc_per_class(probs: np.ndarray, targets: np.ndarray, names: Sequence[str]) 
     }
 
 
-def save_figure(fig: Any, path: Path, dpi: int = 120) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure: every report plot ends so."""
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+def save_figure(fig: Any, path: str | Path, dpi: int = 120, tight: bool = True, **savefig: Any) -> Path:
+    """Lay out (unless the caller did), write atomically (creating the folder) and close a matplotlib
+    figure: every report plot ends so."""
+    path = Path(path)
+    if tight:
+        fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png", **savefig)
     plt.close(fig)
     return path
 

@@ -20,6 +20,7 @@ from medens.evaluation.external import SPLITS, all_cases_loader, case_attributes
 from medens.evaluation.report_html import embed_png, fmt_ci, table, write_page
 from medens.evaluation.statistics import PatientBootstrap, bootstrap_info, classification_intervals
 from medens.evaluation.subgroups import check_columns, plot_forest, subgroup_metrics
+from medens.utils.atomic import write_csv
 from medens.utils.hashing import sha256_file
 from medens.utils.jsonio import write_json_strict
 
@@ -150,7 +151,7 @@ def report_classifier(cfg: DictConfig, ckpt_path: Path, ckpt: dict[str, Any], mo
     if probs.shape[1] == 1:  # binary (CT): sensitivity/specificity table
         op = binary_operating_table(ckpt, probs[:, 0], targets[:, 0], cfg.get("thresholds"))
         report["operating_points"] = op
-        pd.DataFrame(op).to_csv(out_dir / "operating_points.csv", index=False)
+        write_csv(pd.DataFrame(op), out_dir / "operating_points.csv")
         thresholds = [r["threshold"] for r in op[:-1] if r["source"] != "grid"] + (
             [float(t) for t in cfg.get("thresholds")] if cfg.get("thresholds") else [0.5]
         )
@@ -193,7 +194,7 @@ def report_classifier(cfg: DictConfig, ckpt_path: Path, ckpt: dict[str, Any], mo
     if cal:
         for i, n in enumerate(names):
             frame[f"uncalibrated_prob_{n}"] = raw[:, i]
-    frame.to_csv(out_dir / "predictions.csv", index=False)
+    write_csv(frame, out_dir / "predictions.csv")
     if opts["report_html"]:
         write_classifier_html(out_dir / "report.html", report, names, figs)
     # timing: network inference vs everything else (intervals, calibration, subgroups, figures, files)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medens.errors import ConfigError, DataError
 from medens.evaluation.statistics import bootstrap_info, paired_auc_comparison, paired_dice_comparison
+from medens.utils.atomic import atomic_write_text
 from medens.utils.jsonio import write_json_strict
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,6 @@ def compare(cfg: DictConfig) -> dict[str, Any]:
     result.update({"a": str(cfg.a), "b": str(cfg.b), "seconds": round(time.perf_counter() - t0, 2)})
     write_json_strict(out_dir / "compare.json", result)
     md = markdown(result, str(cfg.a), str(cfg.b))
-    (out_dir / "compare.md").write_text(md)
+    atomic_write_text(out_dir / "compare.md", md)
     log.info("comparison -> %s\n%s", out_dir / "compare.md", md)
     return result

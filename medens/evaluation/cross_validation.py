@@ -36,7 +36,8 @@ from medens.evaluation.classification import operating_points, threshold_for_sen
 from medens.evaluation.statistics import paired_auc_comparison
 from medens.training.train import train
 from medens.training.validation import TRAIN_KEYS, validate_config
-from medens.utils.jsonio import write_json_strict
+from medens.utils.atomic import write_csv
+from medens.utils.jsonio import write_json_and_markdown
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +268,8 @@ def cross_validate(cfg: DictConfig) -> dict[str, Any]:
         "trainer": {k: cfg.trainer.get(k) for k in ("max_epochs", "precision", "accelerator")},
         "seed": cfg.get("seed"),
     }
-    allp.to_csv(out_dir / "cv_predictions.csv", index=False)
-    write_json_strict(out_dir / "cv_report.json", report)
-    (out_dir / "cv_report.md").write_text(markdown_report(report))
+    write_csv(allp, out_dir / "cv_predictions.csv")
+    write_json_and_markdown(out_dir, "cv_report", report, markdown_report)
     log.info("cross-validation report: %s", out_dir / "cv_report.md")
     return report
 

@@ -45,7 +45,7 @@ from medens.models.mri_postprocess import (
     postprocess,
     region_dice,
 )
-from medens.utils.jsonio import write_json_strict
+from medens.utils.jsonio import write_json_and_markdown
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +330,7 @@ def cross_validate_mri(cfg: DictConfig) -> dict[str, Any]:
     report |= {"wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(_cpu_seconds() - c0, 1),
                "experiment": {"task_name": cfg.get("task_name"), "data_root": str(cfg.data.root),
                               "modalities": modalities, "seed": seed}}  # fmt: skip
-    write_json_strict(out_dir / "cv_report.json", report)
-    (out_dir / "cv_report.md").write_text(markdown_mri(report))
+    write_json_and_markdown(out_dir, "cv_report", report, markdown_mri)
     log.info("cross-validation report: %s", out_dir / "cv_report.md")
     return report
 
@@ -416,6 +415,5 @@ def merge_mri(dirs: Sequence[str | Path], out_dir: Path, n_boot: int) -> dict[st
                "wall_seconds": round(max(r["wall_seconds"] for r in reports), 1),
                "merged_from": [str(d) for d in dirs], "experiment": reports[0]["experiment"]}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_strict(out_dir / "cv_report.json", report)
-    (out_dir / "cv_report.md").write_text(markdown_mri(report))
+    write_json_and_markdown(out_dir, "cv_report", report, markdown_mri)
     return report

@@ -39,7 +39,8 @@ from medens.errors import ConfigError, DataError
 from medens.evaluation.baselines import fit_pixel_baseline, mean_auc
 from medens.evaluation.calibration import apply_calibration, fit_calibration
 from medens.evaluation.statistics import PatientBootstrap, delong_test, summarise_replicates, weighted_auc
-from medens.utils.jsonio import write_json_strict
+from medens.utils.atomic import write_csv
+from medens.utils.jsonio import write_json_and_markdown
 
 log = logging.getLogger(__name__)
 
@@ -331,13 +332,12 @@ def cross_validate_xray(cfg: DictConfig) -> dict[str, Any]:
     report |= {"wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(_cpu_seconds() - c0, 1),
                "n_images": int(len(y)), "n_patients": int(len(set(pids))),
                "experiment": {"task_name": cfg.get("task_name"), "data_root": str(cfg.data.root), "seed": seed}}  # fmt: skip
-    pd.DataFrame({"image": df["Image Index"][done], "patient_id": pids[done], "fold": fold_of[done],
+    pred = pd.DataFrame({"image": df["Image Index"][done], "patient_id": pids[done], "fold": fold_of[done],
                   **{f"y_{n}": y[done, j] for j, n in enumerate(NIH_LABELS)},
                   **{f"model_{n}": prob_m[done, j] for j, n in enumerate(NIH_LABELS)},
-                  **{f"pixel_lr_{n}": prob_b[done, j] for j, n in enumerate(NIH_LABELS)}}).to_csv(
-        out_dir / "cv_predictions.csv", index=False)  # fmt: skip
-    write_json_strict(out_dir / "cv_report.json", report)
-    (out_dir / "cv_report.md").write_text(markdown_xray(report))
+                  **{f"pixel_lr_{n}": prob_b[done, j] for j, n in enumerate(NIH_LABELS)}})  # fmt: skip
+    write_csv(pred, out_dir / "cv_predictions.csv")
+    write_json_and_markdown(out_dir, "cv_report", report, markdown_xray)
     log.info("cross-validation report: %s", out_dir / "cv_report.md")
     return report
 
@@ -454,7 +454,6 @@ def merge_xray(dirs: Sequence[str | Path], out_dir: Path, n_boot: int) -> dict[s
                "merged_from": [str(d) for d in dirs], "experiment": reports[0]["experiment"],
                "n_images": int(len(df)), "n_patients": int(df["patient_id"].nunique())}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out_dir / "cv_predictions.csv", index=False)
-    write_json_strict(out_dir / "cv_report.json", report)
-    (out_dir / "cv_report.md").write_text(markdown_xray(report))
+    write_csv(df, out_dir / "cv_predictions.csv")
+    write_json_and_markdown(out_dir, "cv_report", report, markdown_xray)
     return report

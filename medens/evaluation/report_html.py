@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from medens.utils.atomic import atomic_write_text
+
 STYLE = (
     "body{font-family:sans-serif;max-width:72em;margin:1em auto;color:#222}"
     "table{border-collapse:collapse;margin:.6em 0}td,th{padding:3px 9px;border-bottom:1px solid #ccc;"
@@ -53,6 +55,4 @@ def page(title: str, sections: Sequence[tuple[str, str]], intro: str = "") -> st
 
 
 def write_page(path: str | Path, title: str, sections: Sequence[tuple[str, str]], intro: str = "") -> Path:
-    path = Path(path)
-    path.write_text(page(title, sections, intro))
-    return path
+    return atomic_write_text(path, page(title, sections, intro))

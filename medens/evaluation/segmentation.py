@@ -39,10 +39,12 @@ from medens.checkpoint.safe_build import load_checkpoint_verified as load_checkp
 from medens.data.mri.brats import REGIONS, canonical_modality  # noqa: E402
 from medens.data.mri.transforms import write_prediction_nifti  # noqa: E402
 from medens.errors import ConfigError  # noqa: E402
+from medens.evaluation.classification import save_figure  # noqa: E402
 from medens.evaluation.evaluate import build_from_checkpoint  # noqa: E402
 from medens.evaluation.external import is_partial, merge_data_config  # noqa: E402
 from medens.evaluation.predict import predict_each_batch  # noqa: E402
 from medens.metrics.segmentation import DICE_KEYS, HD95_KEYS, mean_metrics, segmentation_metrics  # noqa: E402
+from medens.utils.atomic import atomic_path  # noqa: E402
 from medens.utils.hashing import sha256_file  # noqa: E402
 from medens.utils.jsonio import write_json_strict  # noqa: E402
 
@@ -136,11 +138,7 @@ def plot_case(
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, labelcolor="white", fontsize=10)
     fig.suptitle(f"{title}\nimage: {channel_name} (z-scored), RAS view", color="white", fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 0.94))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, facecolor="black")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100, tight=False, facecolor="black")
 
 
 def _display_channel(channels: Sequence[str]) -> int:
@@ -266,11 +264,10 @@ def evaluate_segmenter(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     add_intervals_and_report(cfg, report, rows, metric_keys, dm, out_dir, report_inputs, ckpt, ckpt_path)
     write_json_strict(out_dir / "metrics.json", _finite(report))
     columns = ["case_id", "has_label", *metric_keys, "inference_seconds"]
-    with open(out_dir / "per_case.csv", "w", newline="") as fh:
+    with atomic_path(out_dir / "per_case.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k, "") for k in columns})
+        writer.writerows({k: r.get(k, "") for k in columns} for r in rows)
     if labelled:
         log.info("mean Dice %.4f (WT %.4f, TC %.4f, ET %.4f) on %d %s cases -> %s", mean["dice_mean"],
                  mean["dice_wt"], mean["dice_tc"], mean["dice_et"], len(labelled), split, out_dir)  # fmt: skip

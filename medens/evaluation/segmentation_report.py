@@ -33,6 +33,7 @@ from medens.evaluation.voxel_calibration import (
     reliability_report,
     temperature_of,
 )
+from medens.utils.atomic import write_csv
 
 log = logging.getLogger(__name__)
 MAX_OVERLAYS = 12
@@ -131,7 +132,7 @@ def add_intervals_and_report(
     if inputs is not None and len(inputs.attrs.columns):
         extra = inputs.attrs.drop(columns=[c for c in inputs.attrs.columns if c in frame.columns])
         frame = frame.join(extra, on="case_id")
-    frame.to_csv(out_dir / "predictions.csv", index=False)
+    write_csv(frame, out_dir / "predictions.csv")
     if bool(cfg.get("report_html", True)):
         write_segmentation_html(out_dir, report, keys, frame, figs)
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from medens.errors import ConfigError
+from medens.evaluation.classification import save_figure
 from medens.evaluation.statistics import PatientBootstrap, classification_intervals
 
 AGE_EDGES = (18, 40, 60, 80)
@@ -161,11 +162,7 @@ def plot_forest(subgroups: Mapping[str, Any], overall: Mapping[str, Any] | None,
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([f"{lab} (n={e['n_patients']})" for lab, e in reversed(rows)], fontsize=8)
     ax.set(xlim=(0, 1), xlabel="mean AUC [95% CI]", title="Subgroups")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def segmentation_subgroup_metrics(

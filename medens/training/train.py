@@ -22,6 +22,7 @@ from medens.training.preflight import Preflight
 from medens.training.run_ownership import RunFiles, claim_run_files, signal_received
 from medens.training.task import task_wrapper
 from medens.training.validation import validate_config
+from medens.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,7 @@ def _train(cfg: DictConfig, run_files: RunFiles | None) -> tuple[dict[str, Any],
     launched_here = False
     if isinstance(trainer.strategy, MedensDDPStrategy) and "LOCAL_RANK" not in os.environ:
         worker_cfg = Path(cfg.paths.output_dir) / ".ddp" / "config.yaml"
-        worker_cfg.parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(model.run_config), worker_cfg)
+        atomic_write_text(worker_cfg, OmegaConf.to_yaml(OmegaConf.create(model.run_config)))
         trainer.strategy.worker_config = str(worker_cfg)
         launched_here = True
 

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 #: Suffix of every temporary file of an atomic write.
 TEMP_SUFFIX = ".tmp"
@@ -123,6 +124,13 @@ def atomic_write_text(
     """Write `text` to `path` atomically (see `atomic_path`); returns `path`."""
     with atomic_path(path, exclusive=exclusive) as tmp:
         tmp.write_text(text, encoding=encoding)
+    return Path(path)
+
+
+def write_csv(frame: Any, path: str | os.PathLike) -> Path:
+    """Write a pandas DataFrame to `path` as CSV without its index, atomically; returns `path`."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
     return Path(path)
 
 

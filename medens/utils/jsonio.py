@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +49,10 @@ def dumps_strict(obj: Any, indent: int | None = 2) -> str:
 def write_json_strict(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
     """Write ``obj`` as strict JSON atomically (temporary file beside it, fsync, rename)."""
     return atomic_write_text(path, dumps_strict(obj, indent) + "\n")
+
+
+def write_json_and_markdown(out_dir: str | os.PathLike, stem: str, report: Any, markdown: Callable[[Any], str]) -> Path:
+    """`<stem>.json` (strict) and `<stem>.md` (`markdown(report)`) in `out_dir`, each atomically; returns the
+    Markdown file's path."""
+    write_json_strict(Path(out_dir) / f"{stem}.json", report)
+    return atomic_write_text(Path(out_dir) / f"{stem}.md", markdown(report))

@@ -15,6 +15,7 @@ Items keep what is needed to write a prediction back as NIfTI on the input scan'
 
 from __future__ import annotations
 
+import gzip
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ from monai.transforms import (
 from monai.utils import convert_to_numpy
 
 from medens.errors import ConfigError
+from medens.utils.atomic import atomic_path
 
 from .readers import read_brats_case
 
@@ -280,7 +282,7 @@ def write_prediction_nifti(
     img = nib.Nifti1Image(full, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
-    return path
+    data = img.to_bytes()  # in memory, then one atomic write (gzip level 1, nibabel's own default)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(gzip.compress(data, compresslevel=1) if str(path).endswith(".gz") else data)
+    return Path(path)
