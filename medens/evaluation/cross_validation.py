@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from sklearn.metrics import roc_auc_score
 
 from medens.checkpoint.io import load_checkpoint, load_network_weights
 from medens.errors import ConfigError
 from medens.evaluation.classification import operating_points, threshold_for_sensitivity
+from medens.evaluation.predict import predict_all
 from medens.evaluation.statistics import paired_auc_comparison
 from medens.training.train import train
 from medens.training.validation import TRAIN_KEYS, validate_config
@@ -58,15 +58,14 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
     return float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else None
 
 
-@torch.no_grad()
 def predict_cases(model: Any, loader: Any) -> pd.DataFrame:
-    """case_id, label and malignancy probability of every item of a loader (model in eval mode)."""
-    model.eval()
-    rows = []
-    for batch in loader:
-        probs = model.predict_proba(batch["image"].to(model.device))[:, 0].float().cpu().numpy()
-        for cid, y, p in zip(batch["case_id"], batch["label"].tolist(), probs, strict=True):
-            rows.append({"case_id": cid, "label": float(y), "prob": float(p)})
+    """case_id, label and malignancy probability of every item of a loader, through `trainer.predict`
+    and the module's own `predict_step` (its test-time flips included), on the device the model is on."""
+    rows = [
+        {"case_id": cid, "label": float(y), "prob": float(p)}
+        for out in predict_all(model, loader, str(model.device))
+        for cid, y, p in zip(out["case_id"], out["label"].tolist(), out["probs"][:, 0].float().tolist(), strict=True)
+    ]
     return pd.DataFrame(rows)
 
 
