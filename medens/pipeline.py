@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from medens.callbacks.preemption import Preempted
 from medens.errors import ConfigError
 from medens.logging_setup import install_warning_filters, log_file, quiet_console
-from medens.utils.jsonio import write_json_strict
+from medens.utils.jsonio import read_json_or_none, write_json_strict
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,7 @@ class StageStamps:
         self.root = root
 
     def read(self, stage: str) -> dict[str, Any] | None:
-        p = self.root / f"{stage}.json"
-        try:
-            return json.loads(p.read_text()) if p.is_file() else None
-        except (OSError, ValueError):
-            return None
+        return read_json_or_none(self.root / f"{stage}.json")
 
     def write(self, stage: str, digest: str, outputs: Sequence[str], summary: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -84,11 +80,7 @@ class StageStamps:
         """The interrupted run's `<name>_last.pth` when `stage` last started with this same digest."""
         from medens.training.run_ownership import find_resume_point
 
-        p = self.root / f"{stage}.running.json"
-        try:
-            running = json.loads(p.read_text()) if p.is_file() else None
-        except (OSError, ValueError):
-            running = None
+        running = read_json_or_none(self.root / f"{stage}.running.json")
         if not running or running.get("digest") != digest:
             return None
         folder = Path(str(stage_cfg.paths.saved_models_dir)) / str(stage_cfg.modality)

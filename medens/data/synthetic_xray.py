@@ -21,6 +21,7 @@ from PIL import Image
 
 from medens.data.xray import NIH_LABELS, NO_FINDING
 from medens.utils.atomic import replace_folder_atomically
+from medens.utils.jsonio import read_json_or_none
 from medens.utils.locking import owned_lock, pid_alive
 
 log = logging.getLogger(__name__)
@@ -148,10 +149,7 @@ def generate_synthetic_nih(
 
 
 def _stamp(root: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((root / "synthetic.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json_or_none(root / "synthetic.json")
 
 
 def _remove_dead_builds(root: Path) -> None:

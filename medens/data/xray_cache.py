@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from medens.errors import ConfigError, DataError
+from medens.utils.jsonio import read_json_or_none
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,8 @@ class XRayCache:
 
 def _read_complete(folder: Path, payload: Mapping[str, Any]) -> XRayCache | None:
     """The cache at `folder` if it is complete and was built from exactly `payload`, else None."""
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
+    manifest = read_json_or_none(folder / MANIFEST)
+    if not isinstance(manifest, dict):
         return None
     if manifest.get("payload") != dict(payload):
         log.warning("X-ray cache %s was built from another config or other files: not reused", folder)

@@ -29,7 +29,7 @@ from scipy.optimize import minimize
 
 from medens.errors import CheckpointError, ConfigError
 from medens.utils.hashing import sha256_file
-from medens.utils.jsonio import write_json_strict
+from medens.utils.jsonio import read_json_object, write_json_strict
 
 log = logging.getLogger(__name__)
 
@@ -188,17 +188,13 @@ def save_calibration(ckpt_path: str | Path, calibration: Mapping[str, Any], fitt
 
 def load_calibration(ckpt_path: str | Path, required: bool = False) -> dict[str, Any] | None:
     """The stored calibration of a checkpoint, checked against its SHA-256; None when there is none."""
-    import json
 
     path = calibration_path(ckpt_path)
     if not path.is_file():
         if required:
             raise CheckpointError(f"{path}: no calibration stored for {ckpt_path}")
         return None
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable calibration file ({exc})") from exc
+    doc = read_json_object(path, "calibration file", CheckpointError)
     digest = sha256_file(ckpt_path)
     if doc.get("checkpoint_sha256") != digest:
         raise CheckpointError(

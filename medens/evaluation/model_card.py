@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medens.utils.atomic import atomic_write_text
+from medens.utils.jsonio import read_json_or_none
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,7 @@ def _load_report(metadata: Mapping[str, Any], report: str | Path | None) -> dict
                 path = Path(v["report"])
     if path is None or not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json_or_none(path)
 
 
 def render_model_card(metadata: Mapping[str, Any], report: Mapping[str, Any] | None) -> str:

@@ -13,7 +13,6 @@ Targets are `<model>_<format>`: `<model>` a key of `checkpoints` (`xray`, `ct`, 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -36,7 +35,7 @@ from medens.errors import CheckpointError, ConfigError, ExportError
 from medens.export.core import check_onnx_opset, export_module
 from medens.training.validation import validate_values
 from medens.utils.hashing import sha256_file
-from medens.utils.jsonio import write_json_strict
+from medens.utils.jsonio import read_json_object, write_json_strict
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +225,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     of it could make a reader instantiate code: the network configs it records are checked like a
     checkpoint's (`medens.checkpoint.safe_build.validate_safe_config`). Use this to read a manifest."""
     path = Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{path}: unreadable export manifest ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise ExportError(f"{path}: an export manifest is a JSON object")
+    manifest = read_json_object(path, "export manifest", ExportError)
     validate_safe_config(manifest, path, "manifest")
     return manifest
 

@@ -30,6 +30,7 @@ from medens.errors import CheckpointError, RegistryError
 from medens.registry.semver import BUMPS, NO_VERSION, SEMVER_PATTERN, SemVer
 from medens.utils.atomic import atomic_path, atomic_write_text
 from medens.utils.hashing import sha256_file
+from medens.utils.jsonio import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -216,12 +217,7 @@ def _dataset(hyper: dict[str, Any]) -> dict[str, Any]:
 
 def _report_metrics(report_path: Path) -> tuple[str, dict[str, Any], str | None]:
     """(split, scalar metrics, checkpoint_sha256 it claims) of an evaluation report (`metrics.json`)."""
-    try:
-        report = json.loads(report_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RegistryError(f"{report_path}: cannot read the evaluation report ({exc})") from exc
-    if not isinstance(report, dict):
-        raise RegistryError(f"{report_path}: an evaluation report is a JSON object")
+    report = read_json_object(report_path, "evaluation report", RegistryError)
     metrics: dict[str, Any] = {"report": str(report_path.resolve())}
     for key, value in report.items():
         if isinstance(value, bool):
@@ -394,11 +390,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: metadata file {meta_path.name} is missing; a versioned checkpoint is only trusted "
             "with its metadata (it holds the SHA-256)"
         )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise RegistryError(f"{meta_path}: unreadable metadata ({exc})") from exc
-    if not isinstance(meta, dict) or not meta.get("sha256"):
+    meta = read_json_object(meta_path, "metadata", RegistryError)
+    if not meta.get("sha256"):
         raise RegistryError(f"{meta_path}: metadata has no 'sha256'")
     return meta
 

@@ -56,3 +56,24 @@ def write_json_and_markdown(out_dir: str | os.PathLike, stem: str, report: Any, 
     Markdown file's path."""
     write_json_strict(Path(out_dir) / f"{stem}.json", report)
     return atomic_write_text(Path(out_dir) / f"{stem}.md", markdown(report))
+
+
+def read_json_or_none(path: str | os.PathLike) -> Any | None:
+    """The JSON in `path`, or None when the file is missing, unreadable or not JSON: for stamps, markers
+    and caches, where such a file means "not there yet, build it again"."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_json_object(path: str | os.PathLike, what: str, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object in `path`; `error` naming the file and `what` it should be when the file is
+    unreadable, not JSON, or not an object."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise error(f"{path}: unreadable {what} ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise error(f"{path}: {what} is not a JSON object")
+    return doc

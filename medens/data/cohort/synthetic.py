@@ -35,6 +35,7 @@ from medens.data.synthetic_xray import render_chest, sample_findings
 from medens.data.xray import NIH_LABELS, NO_FINDING
 from medens.errors import ConfigError, DataError
 from medens.utils.atomic import replace_folder_atomically
+from medens.utils.jsonio import read_json_or_none
 
 log = logging.getLogger(__name__)
 
@@ -218,11 +219,7 @@ def _write(tmp: Path, p: dict[str, Any]) -> None:
 
 
 def read_stamp(out_dir: str | os.PathLike) -> dict[str, Any] | None:
-    f = Path(out_dir) / STAMP_FILE
-    try:
-        return json.loads(f.read_text()) if f.is_file() else None
-    except (OSError, ValueError):
-        return None
+    return read_json_or_none(Path(out_dir) / STAMP_FILE)
 
 
 def generate_synthetic_cohort(out_dir: str | os.PathLike, **params: Any) -> Path:

@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from medens.errors import ConfigError
 from medens.utils.atomic import replace_folder_atomically
+from medens.utils.jsonio import read_json_or_none
 
 MARKER_FILE = "medens_synthetic.json"
 GENERATOR_VERSION = 1
@@ -175,13 +176,7 @@ def brats_affine(spacing: Sequence[float], shape: Sequence[int]) -> np.ndarray:
 
 def read_marker(out_dir: str | Path) -> dict[str, Any] | None:
     """Parameters recorded beside a generated set, or None when ``out_dir`` was not generated here."""
-    p = Path(out_dir) / MARKER_FILE
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json_or_none(Path(out_dir) / MARKER_FILE)
 
 
 def generate_brats_synthetic(
