@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,27 +84,34 @@ def console_shows(level: int) -> bool:
     return not handlers or any(h.level <= level for h in handlers)
 
 
-class _NoTracebacks(logging.Filter):
+class _Quiet(logging.Filter):
     """Inside a quiet stage, a record carrying a traceback goes to the log file only: the stage line names
-    the error and the file, and the console is not flooded with a second copy of the traceback."""
+    the error and the file, and the console is not flooded with a second copy of the traceback. So do the
+    records of the `log_only` loggers."""
+
+    def __init__(self, log_only: tuple[str, ...]) -> None:
+        super().__init__()
+        self.log_only = log_only
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.exc_info is None
+        named = any(record.name == n or record.name.startswith(n + ".") for n in self.log_only)
+        return record.exc_info is None and not named
 
 
 @contextmanager
-def quiet_console(level: int = logging.WARNING) -> Iterator[None]:
-    """While inside, the console handlers show `level` and above only, without tracebacks; the log file is
-    unchanged. Outside a Hydra app (no console handler) this does nothing."""
+def quiet_console(level: int = logging.WARNING, log_only: Sequence[str] = ()) -> Iterator[None]:
+    """While inside, the console handlers show `level` and above only, without tracebacks, and nothing from
+    the loggers named in `log_only` (whose news the caller prints itself); the log file is unchanged.
+    Outside a Hydra app (no console handler) this does nothing."""
     handlers = _console_handlers()
     saved = [h.level for h in handlers]
-    no_tb = _NoTracebacks()
+    quiet = _Quiet(tuple(log_only))
     for h in handlers:
         h.setLevel(max(level, h.level))
-        h.addFilter(no_tb)
+        h.addFilter(quiet)
     try:
         yield
     finally:
         for h, old in zip(handlers, saved, strict=True):
             h.setLevel(old)
-            h.removeFilter(no_tb)
+            h.removeFilter(quiet)

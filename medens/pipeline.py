@@ -189,7 +189,9 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     if where is not None:
         print(f"main job: {len(cfg.stages)} stages; full log: {where}", flush=True)
     current: dict[str, Any] = {}
-    with quiet_console():  # INFO lines go to the log file only; the console gets one line per stage
+    # INFO lines go to the log file only; the console gets one line per stage, which carries the data wait
+    # (so the data-wait callback's advice goes to the log, named on that line when the wait is high)
+    with quiet_console(log_only=("medens.callbacks.data_wait",)):
         try:
             _run_stages(cfg, out_root, stamps, summary, current)
         except Preempted:
@@ -267,7 +269,10 @@ def _run_stages(
             ]
             extra = f"{''.join(tests)}; report {result['report_dir']}"
         if result.get("data_wait_fraction") is not None:  # last training epoch (medens.callbacks.data_wait)
-            extra = f"; data wait {100 * result['data_wait_fraction']:.0f}% ({result['images_per_s']:.0f} img/s){extra}"
+            warn_above = OmegaConf.select(stage_cfg, "callbacks.data_wait.warn_above", default=None)
+            high = warn_above is not None and result["data_wait_fraction"] > float(warn_above)
+            extra = (f"; data wait {100 * result['data_wait_fraction']:.0f}% ({result['images_per_s']:.0f} img/s"
+                     f"{f', over callbacks.data_wait.warn_above={float(warn_above):g}: raise data.num_workers' if high else ''}){extra}")  # fmt: skip
         print(
             f"[{i}/{n}] {stage}: done in {seconds:.0f}s; best {stage_cfg.monitor} {_rounded(result['best_val'])}{extra}",
             flush=True,
