@@ -44,6 +44,9 @@ BAD = [
     ("experiment=mri model.inferer.overlap=1.5", "model.inferer.overlap=1.5: expected a number in [0, 1)"),
     ("experiment=mri data.samples_per_volume=0", "data.samples_per_volume=0: expected an integer >= 1"),
     ("experiment=ensemble data.modality_dropout=2", "data.modality_dropout=2: expected a number in [0, 1)"),
+    # the meta-learner passes **kwargs to MedensModule: its base's parameters are checked too
+    ("experiment=ensemble +model.compile=maybe", "model.compile='maybe': expected true or false (MetaLearner.compile)"),
+    ("experiment=ensemble +model.modality_dropuot=0.2", "unknown config key 'model.modality_dropuot'"),
 ]  # fmt: skip
 
 

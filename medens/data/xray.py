@@ -297,7 +297,7 @@ class XRayDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if missing_images not in ("error", "skip"):
-            raise ValueError(f"missing_images must be 'error' or 'skip', got {missing_images!r}")
+            raise ConfigError(f"data.missing_images must be 'error' or 'skip', got {missing_images!r}")
         if augment_on not in ("auto", "device", "loader"):
             raise ConfigError(f"data.augment_on={augment_on!r}: must be 'device' (batched, after the transfer), "
                               "'loader' (per image in the DataLoader workers) or 'auto'")  # fmt: skip

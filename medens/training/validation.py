@@ -8,14 +8,13 @@ the signature of what it builds; top-level keys are checked against the known se
 from __future__ import annotations
 
 import difflib
-import inspect
 from typing import Any
 
 import hydra.utils
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from medens.errors import ConfigError
-from medens.training.value_checks import check_values
+from medens.training.value_checks import check_values, signature_of
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 #: Top-level keys of a training config and their meaning (see conf/train.yaml).
@@ -38,12 +37,10 @@ def _target_params(target: str) -> tuple[set[str], bool] | None:
     except Exception as exc:  # an unimportable target is itself a config error
         raise ConfigError(f"cannot import _target_ {target!r}: {exc}") from exc
     try:
-        sig = inspect.signature(obj)
+        params, _, var_kw = signature_of(obj)
     except (TypeError, ValueError):
         return None
-    params = set(sig.parameters)
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
-    return params, var_kw
+    return set(params), var_kw
 
 
 def _check_node(node: Any, path: str) -> None:

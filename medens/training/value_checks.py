@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections.abc as cabc
 import fnmatch
 import inspect
+import itertools
 import os
 import pathlib
 import types
@@ -296,6 +297,35 @@ def describe_annotation(ann: Any) -> str:
 _HINTS: dict[str, dict[str, Any] | None] = {}
 
 
+def signature_of(obj: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any], bool]:
+    """({name: parameter}, {name: type hint}, whether it takes any keyword) of a function or a class's
+    constructor. A medens constructor that passes `**kwargs` on to a medens base (the stacking meta-learner
+    to `MedensModule`) also takes that base's parameters, up the MRO until one has no `**kwargs`; a library
+    class's `**kwargs` may go anywhere (Lightning's DDP strategy hands them to torch), so they end the walk."""
+    if inspect.isclass(obj):
+        owners = [c for c in obj.__mro__ if "__init__" in vars(c)]
+        owners = owners[:1] + [c for c in itertools.takewhile(lambda c: c.__module__.startswith("medens."), owners[1:])]
+    else:
+        owners = [obj]
+    params: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for owner in owners:
+        fn = owner.__init__ if inspect.isclass(owner) else owner
+        sig = inspect.signature(fn)
+        try:
+            own_hints = typing.get_type_hints(fn)
+        except Exception:  # an unresolvable annotation: keep only those that are already objects
+            own_hints = {n: p.annotation for n, p in sig.parameters.items() if not isinstance(p.annotation, str)}
+        for name, p in sig.parameters.items():
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name not in params:
+                params[name] = p
+                if name in own_hints:
+                    hints[name] = own_hints[name]
+        if not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+            return params, hints, False
+    return params, hints, True
+
+
 def target_annotations(target: str) -> tuple[str, dict[str, Any], dict[str, Any]] | None:
     """(owner name, {param: annotation}, {param: default}) of a `_target_`, or None when unknown."""
     if target in _HINTS:
@@ -305,15 +335,9 @@ def target_annotations(target: str) -> tuple[str, dict[str, Any], dict[str, Any]
         import hydra.utils
 
         obj = hydra.utils.get_object(target)
-        fn = obj.__init__ if inspect.isclass(obj) else obj
-        sig = inspect.signature(fn)
+        params, hints, _ = signature_of(obj)
         owner = getattr(obj, "__name__", target.rsplit(".", 1)[-1])
-        try:
-            hints = typing.get_type_hints(fn)
-        except Exception:  # an unresolvable annotation: keep only those that are already objects
-            hints = {n: p.annotation for n, p in sig.parameters.items() if not isinstance(p.annotation, str)}
-        defaults = {n: p.default for n, p in sig.parameters.items()}
-        result = (owner, {k: v for k, v in hints.items() if k in sig.parameters}, defaults)
+        result = (owner, hints, {n: p.default for n, p in params.items()})
     except Exception:
         result = None
     _HINTS[target] = result  # type: ignore[assignment]
