@@ -17,7 +17,7 @@ from medens.errors import ConfigError
 from medens.evaluation import calibration as calib
 from medens.evaluation.classification import auc_per_class, plot_pr_curves, plot_roc_curves
 from medens.evaluation.external import SPLITS, all_cases_loader, case_attributes, case_table_path
-from medens.evaluation.report_html import embed_png, fmt_ci, table, write_page
+from medens.evaluation.report_html import embed_png, fmt_ci, fmt_num, table, write_page
 from medens.evaluation.statistics import PatientBootstrap, bootstrap_info, classification_intervals
 from medens.evaluation.subgroups import check_columns, plot_forest, subgroup_metrics
 from medens.utils.atomic import write_csv
@@ -222,7 +222,7 @@ def write_classifier_html(path: Path, report: Mapping[str, Any], names: list[str
     for n in names:
         r = iv["per_output"][n]
         rows.append([n, r["positives"], r["negatives"], fmt_ci(r["auc"]), fmt_ci(r["average_precision"]),
-                     _f(cal_metrics[n]["ece"]), _f(cal_metrics[n]["brier"])])  # fmt: skip
+                     fmt_num(cal_metrics[n]["ece"]), fmt_num(cal_metrics[n]["brier"])])  # fmt: skip
     sections = [("Discrimination and calibration per output",
                  table(["output", "positives", "negatives", "AUC [95% CI]", "average precision [95% CI]", "ECE",
                         "Brier"], rows))]  # fmt: skip
@@ -247,5 +247,3 @@ def write_classifier_html(path: Path, report: Mapping[str, Any], names: list[str
     return write_page(path, f"medens evaluation: {report.get('modality') or ''} {report['split']}", sections, intro)
 
 
-def _f(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.4f}"

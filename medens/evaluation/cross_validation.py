@@ -33,6 +33,7 @@ from medens.checkpoint.io import load_checkpoint, load_network_weights
 from medens.errors import ConfigError
 from medens.evaluation.classification import operating_points, threshold_for_sensitivity
 from medens.evaluation.predict import predict_all
+from medens.evaluation.report_html import fmt_num
 from medens.evaluation.statistics import paired_auc_comparison
 from medens.training.train import train
 from medens.training.validation import TRAIN_KEYS, validate_config
@@ -303,8 +304,6 @@ _SELECTION = {
 }
 
 
-def _f(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
 
 
 def markdown_report(report: dict[str, Any]) -> str:
@@ -327,15 +326,15 @@ def markdown_report(report: dict[str, Any]) -> str:
     ]
     for f in report["per_fold"]:
         lines.append(
-            f"| {f['fold']} | {f['n_cases']} | {f['n_malignant']} | {_f(f['auc_model'])} | "
-            f"{_f(f[f'auc_{b}'])} | {f['epochs']} | {f['seconds']} |"
+            f"| {f['fold']} | {f['n_cases']} | {f['n_malignant']} | {fmt_num(f['auc_model'])} | "
+            f"{fmt_num(f[f'auc_{b}'])} | {f['epochs']} | {f['seconds']} |"
         )
     m, mb = report["mean_auc_model"], report[f"mean_auc_{b}"]
     lines += [
         "",
-        f"- mean AUC over folds: model {_f(m['mean'])} (sd {_f(m['std'])}), {b} {_f(mb['mean'])} (sd {_f(mb['std'])})",
-        f"- pooled AUC (all held-out cases): model {_f(report['pooled_auc_model'])}, "
-        f"{b} {_f(report[f'pooled_auc_{b}'])}",
+        f"- mean AUC over folds: model {fmt_num(m['mean'])} (sd {fmt_num(m['std'])}), {b} {fmt_num(mb['mean'])} (sd {fmt_num(mb['std'])})",
+        f"- pooled AUC (all held-out cases): model {fmt_num(report['pooled_auc_model'])}, "
+        f"{b} {fmt_num(report[f'pooled_auc_{b}'])}",
         f"- folds where the model is better: {report['folds_model_better']}",
     ]
     pm, pb = report.get("pooled_at_target_model"), report.get(f"pooled_at_target_{b}")
@@ -343,8 +342,8 @@ def markdown_report(report: dict[str, Any]) -> str:
         t = report["per_fold"][0].get("target_sensitivity", 0.9)
         lines.append(
             f"- at {t:.0%} sensitivity (threshold fixed on each fold's inner validation split), held-out "
-            f"sensitivity / specificity: model {_f(pm['sensitivity'])} / {_f(pm['specificity'])}, "
-            f"{b} {_f(pb['sensitivity'])} / {_f(pb['specificity'])}"
+            f"sensitivity / specificity: model {fmt_num(pm['sensitivity'])} / {fmt_num(pm['specificity'])}, "
+            f"{b} {fmt_num(pb['sensitivity'])} / {fmt_num(pb['specificity'])}"
         )
     pc = report.get("pooled_comparison")
     if pc and "p_value" in (pc.get("delong") or {}):
@@ -353,7 +352,7 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"- DeLong's test, pooled AUC model vs {b}: difference {dl['difference']:+.4f} (95% CI "
             f"[{dl['ci_low']:+.4f}, {dl['ci_high']:+.4f}]), z = {'n/a' if dl['z'] is None else format(dl['z'], '.3f')}, p = {dl['p_value']:.4g}; paired patient "
             f"bootstrap ({bd['n_resamples']} resamples, seed {bd['seed']}): [{bd['ci_low']:+.4f}, {bd['ci_high']:+.4f}], "
-            f"share of resamples with no gain {_f(bd.get('share_a_not_better'))}"
+            f"share of resamples with no gain {fmt_num(bd.get('share_a_not_better'))}"
         )
     if "wall_seconds" in report:
         lines.append(f"- wall time: {report['wall_seconds']:.0f} s")

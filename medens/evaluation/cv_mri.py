@@ -46,6 +46,7 @@ from medens.models.mri_postprocess import (
     region_dice,
 )
 from medens.utils.jsonio import write_json_and_markdown
+from medens.utils.timing import cpu_seconds
 
 log = logging.getLogger(__name__)
 
@@ -248,19 +249,12 @@ def predict_case(net: UNet, image: np.ndarray, opts: Mapping[str, Any]) -> np.nd
     return out
 
 
-def _cpu_seconds() -> float:
-    import resource
-
-    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
-
-
 def cross_validate_mri(cfg: DictConfig) -> dict[str, Any]:
     """Leave-one-patient-out CV of model vs FLAIR threshold; report written to ``cfg.paths.output_dir``."""
     opts = mri_options(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     cases, modalities = load_cases(cfg)
     if opts["max_cases"]:
         cases = cases[: int(opts["max_cases"])]
@@ -276,7 +270,7 @@ def cross_validate_mri(cfg: DictConfig) -> dict[str, Any]:
     seed = int(cfg.get("seed") or 0)
     rows = []
     for k in folds_run:
-        tf, tc = time.perf_counter(), _cpu_seconds()
+        tf, tc = time.perf_counter(), cpu_seconds()
         test = [c for c in cases if c["patient_id"] == patients[k]]
         train = [c for c in cases if c["patient_id"] != patients[k]]
         assert not {c["patient_id"] for c in test} & {c["patient_id"] for c in train}
@@ -321,13 +315,13 @@ def cross_validate_mri(cfg: DictConfig) -> dict[str, Any]:
                 "dice_wt_flair": d_base["wt"],
                 "flair_threshold": thr, "postprocess": spec, "final_loss": float(np.mean(losses[-50:])),
                 "train_cases": [t["case_id"] for t in train],
-                "seconds": round(time.perf_counter() - tf, 1), "cpu_seconds": round(_cpu_seconds() - tc, 1),
+                "seconds": round(time.perf_counter() - tf, 1), "cpu_seconds": round(cpu_seconds() - tc, 1),
                 "flair_threshold_table": thr_table, "postprocess_table": pp_table,
             })  # fmt: skip
             log.info("fold %d %s: Dice wt/tc/et %.4f/%.4f/%.4f (raw wt %.4f), FLAIR wt %.4f", k, c["case_id"],
                      d_model["wt"], d_model["tc"], d_model["et"], d_raw["wt"], d_base["wt"])  # fmt: skip
     report = summarise_mri(rows, opts, int(cfg.cv.get("bootstrap", 2000) or 1))
-    report |= {"wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(_cpu_seconds() - c0, 1),
+    report |= {"wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(cpu_seconds() - c0, 1),
                "experiment": {"task_name": cfg.get("task_name"), "data_root": str(cfg.data.root),
                               "modalities": modalities, "seed": seed}}  # fmt: skip
     write_json_and_markdown(out_dir, "cv_report", report, markdown_mri)

@@ -41,6 +41,7 @@ from medens.evaluation.calibration import apply_calibration, fit_calibration
 from medens.evaluation.statistics import PatientBootstrap, delong_test, summarise_replicates, weighted_auc
 from medens.utils.atomic import write_csv
 from medens.utils.jsonio import write_json_and_markdown
+from medens.utils.timing import cpu_seconds
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +259,6 @@ def predict_cnn(net: nn.Module, x: np.ndarray) -> np.ndarray:
     return _predict(net, torch.from_numpy((x - mu) / sd)[:, None].float())
 
 
-def _cpu_seconds() -> float:
-    import resource
-
-    r, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
-
-
 def inner_split(patient_ids: Sequence[str], fraction: float, seed: int) -> dict[str, list[int]]:
     """Train / inner-validation indices within one fold's training cases (patient-grouped)."""
     s = patient_split(list(patient_ids), val_fraction=fraction, test_fraction=0.0, seed=seed)
@@ -276,7 +270,7 @@ def cross_validate_xray(cfg: DictConfig) -> dict[str, Any]:
     opts = xray_options(cfg)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     dm = hydra.utils.instantiate(cfg.data, _convert_="all")
     dm.prepare_data()  # writes the synthetic set where the config asks for one; real data: nothing
     if not isinstance(dm.reader, NIHReader):
@@ -297,7 +291,7 @@ def cross_validate_xray(cfg: DictConfig) -> dict[str, Any]:
     rows = []
     backbones = {int(s): pretrain_backbone(opts, int(s)) for s in opts["seeds"]} if opts["pretrain"] else {}
     for k in run:
-        tf, tc = time.perf_counter(), _cpu_seconds()
+        tf, tc = time.perf_counter(), cpu_seconds()
         tr_all, te = np.asarray(folds[k]["train"]), np.asarray(folds[k]["val"])
         inner = inner_split(pids[tr_all], float(opts["inner_val_fraction"]), seed + k)
         tr, va = tr_all[inner["train"]], tr_all[inner["val"]]
@@ -322,14 +316,14 @@ def cross_validate_xray(cfg: DictConfig) -> dict[str, Any]:
             "n_test_patients": int(len(set(pids[te]))), "inner_val_patients": sorted(set(pids[va])),
             "auc_model": mean_auc(y[te], prob_m[te]), "auc_pixel_lr": mean_auc(y[te], prob_b[te]),
             "baseline_c_table": c_table, "models": runs,
-            "seconds": round(time.perf_counter() - tf, 1), "cpu_seconds": round(_cpu_seconds() - tc, 1),
+            "seconds": round(time.perf_counter() - tf, 1), "cpu_seconds": round(cpu_seconds() - tc, 1),
         })  # fmt: skip
         log.info("fold %d: mean AUC model %s vs pixel LR %s (%d images)", k, rows[-1]["auc_model"],
                  rows[-1]["auc_pixel_lr"], len(te))  # fmt: skip
     done = fold_of >= 0
     report = summarise_xray(y[done], prob_m[done], prob_b[done], pids[done], rows, opts,
                             int(cfg.cv.get("bootstrap", 2000) or 1))  # fmt: skip
-    report |= {"wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(_cpu_seconds() - c0, 1),
+    report |= {"wall_seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(cpu_seconds() - c0, 1),
                "n_images": int(len(y)), "n_patients": int(len(set(pids))),
                "experiment": {"task_name": cfg.get("task_name"), "data_root": str(cfg.data.root), "seed": seed}}  # fmt: skip
     pred = pd.DataFrame({"image": df["Image Index"][done], "patient_id": pids[done], "fold": fold_of[done],

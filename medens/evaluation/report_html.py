@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,15 @@ def embed_png(path: str | Path, alt: str = "", width: str = "") -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     w = f" width='{width}'" if width else ""
     return f"<img alt='{html.escape(alt)}'{w} src='data:image/png;base64,{data}'>"
+
+
+def fmt_num(v: Any, digits: int = 4) -> str:
+    """A number with `digits` decimals; "n/a" for None, NaN, infinities and anything not a number."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{f:.{digits}f}" if math.isfinite(f) else "n/a"
 
 
 def fmt_ci(r: Mapping[str, Any] | None, digits: int = 3) -> str:

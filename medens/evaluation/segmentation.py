@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,15 +55,6 @@ CLASS_LABELS = {1: "necrotic core", 2: "oedema", 3: "enhancing"}
 LABEL_CODES = ("dataset", "medens")
 #: Preferred display channel: FLAIR shows oedema and tumour best; T1c the enhancing rim.
 DISPLAY_PREFERENCE = ("flair", "t1ce", "t2", "t1")
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: undefined metrics become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    return value
 
 
 def to_ras(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -262,7 +252,7 @@ def evaluate_segmenter(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     from medens.evaluation.segmentation_report import add_intervals_and_report
 
     add_intervals_and_report(cfg, report, rows, metric_keys, dm, out_dir, report_inputs, ckpt, ckpt_path)
-    write_json_strict(out_dir / "metrics.json", _finite(report))
+    write_json_strict(out_dir / "metrics.json", report)  # undefined metrics (NaN) become null
     columns = ["case_id", "has_label", *metric_keys, "inference_seconds"]
     with atomic_path(out_dir / "per_case.csv") as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")

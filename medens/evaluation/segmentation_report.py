@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from medens.data.mri.brats import REGIONS
 from medens.errors import ConfigError
-from medens.evaluation.report_html import embed_png, fmt_ci, table, write_page
+from medens.evaluation.report_html import embed_png, fmt_ci, fmt_num, table, write_page
 from medens.evaluation.statistics import PatientBootstrap, bootstrap_info, mean_intervals
 from medens.evaluation.subgroups import check_columns, segmentation_subgroup_metrics
 from medens.evaluation.voxel_calibration import (
@@ -37,14 +37,6 @@ from medens.utils.atomic import write_csv
 
 log = logging.getLogger(__name__)
 MAX_OVERLAYS = 12
-
-
-def _num(v: Any, digits: int = 3) -> str:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return "n/a"
-    return "n/a" if not np.isfinite(f) else f"{f:.{digits}f}"
 
 
 def _patient(case_id: str, dm: Any) -> str:
@@ -234,10 +226,10 @@ def write_segmentation_html(
     case_keys = [k for k in ("dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et") if k in keys]
     if frame is not None and "has_label" in frame:
         labelled = frame[frame["has_label"].astype(bool)]
-        case_rows = [[r["case_id"], r["patient_id"], *(_num(r.get(k)) for k in case_keys)]
+        case_rows = [[r["case_id"], r["patient_id"], *(fmt_num(r.get(k), 3) for k in case_keys)]
                      for _, r in labelled.iterrows()]  # fmt: skip
     else:
-        case_rows = [[cid, v.get("patient_id", ""), *(_num(v.get(k)) for k in case_keys)]
+        case_rows = [[cid, v.get("patient_id", ""), *(fmt_num(v.get(k), 3) for k in case_keys)]
                      for cid, v in report.get("per_case", {}).items() if v.get("has_label")]  # fmt: skip
     if case_rows:
         header = ["case", "patient", *(k.replace("dice_", "Dice ").replace("hd95_", "HD95 ").upper() for k in case_keys)]
@@ -253,8 +245,8 @@ def write_segmentation_html(
                    "(the label map and Dice do not change)." if applied else "No calibration applied.")
                 + "</p>")  # fmt: skip
         unc = cal.get("uncalibrated") or {}
-        c_rows = [[r, v["n"], _num(v["ece"], 4), _num(v["brier"], 4),
-                   *([_num(unc[r]["ece"], 4), _num(unc[r]["brier"], 4)] if unc else [])]
+        c_rows = [[r, v["n"], fmt_num(v["ece"], 4), fmt_num(v["brier"], 4),
+                   *([fmt_num(unc[r]["ece"], 4), fmt_num(unc[r]["brier"], 4)] if unc else [])]
                   for r, v in cal["metrics"].items()]  # fmt: skip
         head = ["region", "voxels", "ECE", "Brier", *(["ECE uncalibrated", "Brier uncalibrated"] if unc else [])]
         sections.append(("Voxel calibration per region", text + table(head, c_rows)))
