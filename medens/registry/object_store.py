@@ -130,29 +130,17 @@ def _version_of(text: str) -> SemVer:
         raise StoreError(f"{text!r} is not a semantic version ({exc})") from exc
 
 
-class _Hasher:
-    """A write-only file object that hashes what boto3 downloads into it (verify without a disk copy)."""
+class _HashingSink:
+    """A write-only file object that hashes what boto3 downloads into it and passes it on to `fh` (a pull,
+    checked in one pass) or nowhere (verify without a disk copy)."""
 
-    def __init__(self) -> None:
-        self.digest = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        self.size += len(data)
-        return len(data)
-
-
-class _HashingFile:
-    """A file that hashes what is written to it (downloads are checked in one pass)."""
-
-    def __init__(self, fh: Any) -> None:
+    def __init__(self, fh: Any = None) -> None:
         self.fh = fh
         self.digest = hashlib.sha256()
 
     def write(self, data: bytes) -> int:
         self.digest.update(data)
-        return self.fh.write(data)
+        return len(data) if self.fh is None else self.fh.write(data)
 
 
 class ModelStore:
@@ -526,7 +514,7 @@ class ModelStore:
                 local = staging / obj.name
                 local.parent.mkdir(parents=True, exist_ok=True)
                 with open(local, "wb") as fh:
-                    sink = _HashingFile(fh)
+                    sink = _HashingSink(fh)
                     self._download(obj, sink)
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -570,7 +558,7 @@ class ModelStore:
         for obj in sv.objects:
             row: dict[str, Any] = {"name": obj.name, "key": obj.key, "version_id": obj.version_id,
                                    "sha256": obj.sha256, "size": obj.size, "ok": True}  # fmt: skip
-            sink = _Hasher()
+            sink = _HashingSink()
             try:
                 self._download(obj, sink)
                 actual = sink.digest.hexdigest()
