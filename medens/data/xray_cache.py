@@ -309,7 +309,7 @@ def ensure_xray_cache(
 
 def _build_locked(folder, image_root, names, payload, settings, replace_folder_atomically) -> XRayCache:  # noqa: ANN001
     size, workers = int(payload["size"]), settings.resolved_workers()
-    log.info("building the X-ray image cache %s: %d images -> %dx%d uint8, %d workers",
+    log.info("building the X-ray image cache %s: %d images -> %dx%d uint8, up to %d workers",
              folder, len(names), size, size, workers)  # fmt: skip
     t0 = time.perf_counter()
     result: dict[str, Any] = {}
