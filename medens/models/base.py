@@ -41,8 +41,10 @@ class MedensModule(pl.LightningModule):
     Hydra as partials (`_partial_: true`) and are completed with the parameters here. `name` is the
     checkpoint file prefix (`resnet50` -> `resnet50_best.pth`).
 
-    Subclasses log their epoch metrics in `log_epoch_metrics(stage)`; the base class then tracks the best
-    monitored value, whatever metric that is.
+    Subclasses declare only their own constructor parameters and pass the rest on as `**base` (the config
+    checks follow it here, so a typo under `model.` is still named); they log their epoch metrics in
+    `log_epoch_metrics(stage)`, and the base class then tracks the best monitored value, whatever metric
+    that is.
     """
 
     monitor: str = "val/loss"

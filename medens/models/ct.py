@@ -57,21 +57,15 @@ class CTClassifier(MedensModule):
         self,
         net: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[..., Any] | None = None,
-        scheduler_interval: str = "epoch",
         pos_weight: str | float | None = "balanced",
         max_pos_weight: float = 20.0,
         threshold: float = 0.5,
         target_sensitivity: float = 0.9,
         tta_flips: bool = False,
-        compile: bool = False,
-        channels_last: bool = False,
         name: str = "3dcnn",
-        monitor: str | None = None,
-        monitor_mode: str | None = None,
+        **base: Any,
     ) -> None:
-        super().__init__(net, optimizer, scheduler, scheduler_interval, compile, channels_last, name,
-                         monitor=monitor, monitor_mode=monitor_mode)  # fmt: skip
+        super().__init__(net, optimizer, name=name, **base)  # scheduler, compile, monitor, ...: MedensModule's
         if isinstance(pos_weight, str) and pos_weight != "balanced":
             raise ConfigError(f"model.pos_weight must be null, 'balanced' or a number, got {pos_weight!r}")
         if not 0.0 < float(threshold) < 1.0:

@@ -75,9 +75,9 @@ class MetaLearner(MedensModule):
         net: StackingMLP,
         modality_dropout: float | None = None,
         name: str = "meta_learner",
-        **kwargs: Any,
+        **base: Any,
     ) -> None:
-        super().__init__(net=net, name=name, **kwargs)
+        super().__init__(net=net, name=name, **base)  # optimizer, scheduler, monitor, ...: MedensModule's
         self.modality_dropout = modality_dropout
         self.targets: list[str] = []
         self._slices: dict[str, tuple[list[int], int]] = {}

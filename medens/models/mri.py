@@ -112,25 +112,19 @@ class UNetSegmenter(MedensModule):
         self,
         net: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[..., Any] | None = None,
-        scheduler_interval: str = "epoch",
         loss: nn.Module | None = None,
         inferer: Inferer | None = None,
         val_hd95: bool = False,
         test_hd95: bool = True,
         hd95_empty_penalty: float | None = None,
-        compile: bool = False,
-        channels_last: bool = False,
         name: str = "unet",
-        monitor: str | None = None,
-        monitor_mode: str | None = None,
         tta_flips: bool = False,
         tta_in_validation: bool = False,
         postprocess: str | Mapping[str, Any] | None = "none",
         postprocess_candidates: Sequence[Mapping[str, Any]] | None = None,
+        **base: Any,
     ) -> None:
-        super().__init__(net, optimizer, scheduler, scheduler_interval, compile, channels_last, name,
-                         monitor=monitor, monitor_mode=monitor_mode)  # fmt: skip
+        super().__init__(net, optimizer, name=name, **base)  # scheduler, compile, monitor, ...: MedensModule's
         self.tta_flips = bool(tta_flips)
         self.tta_in_validation = bool(tta_in_validation)
         self.postprocess_mode, fixed, self.postprocess_candidates = check_choice(postprocess, postprocess_candidates)

@@ -142,19 +142,13 @@ class XRayClassifier(MedensModule):
         self,
         net: nn.Module,
         optimizer: Callable[..., torch.optim.Optimizer],
-        scheduler: Callable[..., Any] | None = None,
-        scheduler_interval: str = "epoch",
         label_names: Sequence[str] | None = None,
         pos_weight: str | Sequence[float] | None = None,
         max_pos_weight: float = 20.0,
-        compile: bool = False,
-        channels_last: bool = False,
         name: str = "resnet50",
-        monitor: str | None = None,
-        monitor_mode: str | None = None,
+        **base: Any,
     ) -> None:
-        super().__init__(net, optimizer, scheduler, scheduler_interval, compile, channels_last, name,
-                         monitor=monitor, monitor_mode=monitor_mode)  # fmt: skip
+        super().__init__(net, optimizer, name=name, **base)  # scheduler, compile, monitor, ...: MedensModule's
         self.label_names = list(label_names or [])
         outputs = getattr(getattr(net, "fc", None), "out_features", None) or len(self.label_names) or 1
         self.val_roc, self.test_roc = LabelROC(outputs), LabelROC(outputs)
