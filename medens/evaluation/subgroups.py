@@ -9,7 +9,7 @@ default 18/40/60/80 for an age column and quartiles otherwise). A group with few
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,24 +76,37 @@ def check_columns(attrs: pd.DataFrame, columns: Sequence[str], where: str) -> No
         raise ConfigError(f"subgroups: column(s) {missing} not in the case table of {where}; columns: {known}")
 
 
-def group_masks(
+def _per_group(
     case_ids: Sequence[str],
     patient_ids: Sequence[str],
     attrs: pd.DataFrame,
     columns: Sequence[str],
     where: str,
-    bands: Mapping[str, Sequence[float]] | None = None,
-) -> tuple[np.ndarray, dict[str, list[tuple[Any, np.ndarray]]]]:
-    """(patient id per case, {column: [(group, mask of its cases), ...] in report order}): the one walk over
-    the subgroups that the classifiers' and the segmenter's figures share."""
+    bands: Mapping[str, Sequence[float]] | None,
+    min_patients: int,
+    score: Callable[[np.ndarray, np.ndarray, str], dict[str, Any] | str],
+) -> dict[str, Any]:
+    """{column: {group: case and patient counts, then `score(mask, patient ids, name)`'s metrics, or
+    too small}}: the one walk over the subgroups that the classifiers' and the segmenter's reports share.
+    Groups come in report order; `score` returns a reason string for a group it cannot score."""
     columns = [str(c) for c in columns]
     check_columns(attrs, columns, where)
     table = attrs.reindex([str(c) for c in case_ids])
-    by_column: dict[str, list[tuple[Any, np.ndarray]]] = {}
+    pids = np.asarray([str(p) for p in patient_ids])
+    out: dict[str, Any] = {}
     for col in columns:
         labels = group_labels(table[col].reset_index(drop=True), col, (bands or {}).get(col)).to_numpy()
-        by_column[col] = [(value, labels == value) for value in sorted(set(labels.tolist()), key=_order)]
-    return np.asarray([str(p) for p in patient_ids]), by_column
+        groups: dict[str, Any] = {}
+        for value in sorted(set(labels.tolist()), key=_order):
+            m = labels == value
+            n_pat = len(set(pids[m].tolist()))
+            entry: dict[str, Any] = {"n_cases": int(m.sum()), "n_patients": n_pat}
+            res = (f"fewer than {max(int(min_patients), 2)} patients" if n_pat < max(int(min_patients), 2)
+                   else score(m, pids[m], f"subgroup {col}={value}"))  # fmt: skip
+            entry.update({"too_small": True, "reason": res} if isinstance(res, str) else {"too_small": False, **res})
+            groups[str(value)] = entry
+        out[col] = groups
+    return out
 
 
 def subgroup_metrics(
@@ -111,28 +124,16 @@ def subgroup_metrics(
     seed: int = 0,
 ) -> dict[str, Any]:
     """{column: {group: metrics with intervals | too small}} for the cases given."""
-    pids, by_column = group_masks(case_ids, patient_ids, attrs, columns, where, bands)
-    out: dict[str, Any] = {}
-    for col, masks in by_column.items():
-        groups: dict[str, Any] = {}
-        for value, m in masks:
-            n_pat = len(set(pids[m].tolist()))
-            entry: dict[str, Any] = {"n_cases": int(m.sum()), "n_patients": n_pat}
-            t = targets[m]
-            has_both = any(
-                np.nansum(t[:, c] == 1) > 0 and np.nansum(t[:, c] == 0) > 0 for c in range(t.shape[1])
-            )
-            if n_pat < int(min_patients) or n_pat < 2 or not has_both:
-                why = f"fewer than {min_patients} patients" if n_pat < int(min_patients) or n_pat < 2 else "one class only"
-                entry.update({"too_small": True, "reason": why})
-            else:
-                boot = PatientBootstrap(pids[m], n_resamples, seed, what=f"subgroup {col}={value}")
-                res = classification_intervals(probs[m], t, names, boot, thresholds=())
-                entry.update({"too_small": False, "mean_auc": res["mean_auc"],
-                              "auc": {k: v["auc"] for k, v in res["per_output"].items()}})  # fmt: skip
-            groups[str(value)] = entry
-        out[col] = groups
-    return out
+
+    def score(m: np.ndarray, pids: np.ndarray, what: str) -> dict[str, Any] | str:
+        t = targets[m]
+        if not any(np.nansum(t[:, c] == 1) > 0 and np.nansum(t[:, c] == 0) > 0 for c in range(t.shape[1])):
+            return "one class only"
+        res = classification_intervals(probs[m], t, names, PatientBootstrap(pids, n_resamples, seed, what=what),
+                                       thresholds=())  # fmt: skip
+        return {"mean_auc": res["mean_auc"], "auc": {k: v["auc"] for k, v in res["per_output"].items()}}
+
+    return _per_group(case_ids, patient_ids, attrs, columns, where, bands, min_patients, score)
 
 
 def plot_forest(subgroups: Mapping[str, Any], overall: Mapping[str, Any] | None, path: Path) -> Path | None:
@@ -183,19 +184,8 @@ def segmentation_subgroup_metrics(
     as the classifiers' `subgroup_metrics`."""
     from medens.evaluation.statistics import mean_intervals
 
-    pids, by_column = group_masks(case_ids, patient_ids, attrs, columns, where, bands)
-    out: dict[str, Any] = {}
-    for col, masks in by_column.items():
-        groups: dict[str, Any] = {}
-        for value, m in masks:
-            n_pat = len(set(pids[m].tolist()))
-            entry: dict[str, Any] = {"n_cases": int(m.sum()), "n_patients": n_pat}
-            if n_pat < int(min_patients) or n_pat < 2:
-                entry.update({"too_small": True, "reason": f"fewer than {max(int(min_patients), 2)} patients"})
-            else:
-                boot = PatientBootstrap(pids[m], n_resamples, seed, level, what=f"subgroup {col}={value}")
-                entry.update({"too_small": False,
-                              "metrics": mean_intervals({k: np.asarray(v)[m] for k, v in values.items()}, boot)})  # fmt: skip
-            groups[str(value)] = entry
-        out[col] = groups
-    return out
+    def score(m: np.ndarray, pids: np.ndarray, what: str) -> dict[str, Any]:
+        boot = PatientBootstrap(pids, n_resamples, seed, level, what=what)
+        return {"metrics": mean_intervals({k: np.asarray(v)[m] for k, v in values.items()}, boot)}
+
+    return _per_group(case_ids, patient_ids, attrs, columns, where, bands, min_patients, score)
