@@ -9,4 +9,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
-exec "$PY" -m medens.benchmarks.gpu_check "$@"
+exec "$PY" scripts/benchmark.py gpu-check "$@"

@@ -6,13 +6,14 @@ from medens.benchmarks.cli import build_parser
 from tests.helpers import ROOT
 
 SUBCOMMANDS = {"xray-throughput", "xray-data", "xray-e2e", "ct-cache", "mri-inference", "mri-cache", "export",
-               "preflight", "serve-load"}  # fmt: skip
+               "preflight", "serve-load", "gpu-check"}  # fmt: skip
 
 
 def test_every_benchmark_is_a_subcommand_with_a_runner():
     parser = build_parser()
     (sub,) = [a for a in parser._actions if a.dest == "name"]
     assert set(sub.choices) == SUBCOMMANDS
+    assert all(callable(p.get_default("_run")) for p in sub.choices.values()), "every sub-command runs something"
     args = parser.parse_args(["xray-data", "--images", "8", "--workers", "0"])
     assert callable(args._run) and args.images == 8 and args.out.endswith("outputs/benchmarks")
     assert parser.parse_args(["ct-cache", "--net", "none"]).net == "none"

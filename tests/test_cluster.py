@@ -237,7 +237,7 @@ def test_gpu_check_without_gpu_exits_cleanly(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_code_path_on_cpu_tiny(tmp_path):
-    proc = subprocess.run([PYTHON, "-m", "medens.benchmarks.gpu_check", "--device", "cpu", "--tiny",
+    proc = subprocess.run([PYTHON, "scripts/benchmark.py", "gpu-check", "--device", "cpu", "--tiny",
                            "--compile-backend", "eager"], cwd=ROOT,
                           capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,6 +20,7 @@ MODULES = (
     "medens.benchmarks.export",  # export: eager vs TorchScript vs ONNX Runtime vs torch.export latency
     "medens.benchmarks.preflight",  # preflight: the checkpoint round trip's cost vs one epoch
     "medens.serving.loadtest",  # serve-load: concurrent clients against the HTTP endpoint
+    "medens.benchmarks.gpu_check",  # gpu-check: the one prepared GPU script (one JSON document on stdout)
 )
 
 
@@ -29,14 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="name", required=True, metavar="benchmark")
     for name in MODULES:
-        module = importlib.import_module(name)
-        if hasattr(module, "add_parsers"):
-            module.add_parsers(sub)
-        else:  # medens.serving.loadtest: one sub-command, `add_parser` + `run`
-            before = set(sub.choices)
-            module.add_parser(sub)
-            for new in set(sub.choices) - before:
-                sub.choices[new].set_defaults(_run=module.run)
+        importlib.import_module(name).add_parsers(sub)
     return parser
 
 

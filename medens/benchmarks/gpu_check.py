@@ -1,4 +1,4 @@
-"""One GPU check: `bash scripts/gpu_check.sh` (= `python -m medens.benchmarks.gpu_check`) prints ONE JSON doc.
+"""One GPU check: `bash scripts/gpu_check.sh` (= `scripts/benchmark.py gpu-check`) prints ONE JSON doc.
 
 Measured on one GPU, each with its peak memory (`torch.cuda.max_memory_allocated`):
 - ResNet-50 at 224 px, training images/s: the medens X-ray module under a Lightning Trainer
@@ -338,8 +338,9 @@ def _run_sections(args: argparse.Namespace, root: str) -> dict:
     return doc
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_parsers(sub: Any) -> None:
+    """Register `gpu-check` on the benchmark entry point's subparsers."""
+    parser = sub.add_parser("gpu-check", help="the one prepared GPU script: one JSON document on stdout")
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --tiny: exercise the code)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes: checks the code path, measures nothing")
     parser.add_argument("--xray-batch", type=int, default=64)
@@ -348,18 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="sliding-window runs timed")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('' skips compiled runs)")
     parser.add_argument("--budget-s", type=float, default=420.0)
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda"):
-        doc = no_gpu_doc()
-        if doc is not None:
-            _log(doc["reason"] + "; nothing measured (exit 0). Run it on a GPU machine, or --device cpu --tiny.")
-            print(json.dumps(doc, indent=2))
-            return 0
-    with contextlib.redirect_stdout(sys.stderr):  # Lightning's chatter must not break the one JSON document
-        doc = run(args)
+    parser.set_defaults(_run=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> dict:
+    """Print the one JSON document (no GPU: why, and exit 0); progress and Lightning's chatter go to stderr."""
+    doc = no_gpu_doc() if args.device.startswith("cuda") else None
+    if doc is not None:
+        _log(doc["reason"] + "; nothing measured (exit 0). Run it on a GPU machine, or --device cpu --tiny.")
+    else:
+        with contextlib.redirect_stdout(sys.stderr):  # Lightning's chatter must not break the one JSON document
+            doc = run(args)
     print(json.dumps(doc, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return doc

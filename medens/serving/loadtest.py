@@ -36,7 +36,8 @@ from medens.benchmarks.record import write_benchmark_result
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def add_parser(sub: Any) -> None:
+def add_parsers(sub: Any) -> None:
+    """Register `serve-load` on the benchmark entry point's subparsers."""
     p = sub.add_parser("serve-load", help="concurrent clients against scripts/serve.py model=xray")
     p.add_argument("--root", default=os.environ.get("MEDENS_ROOT", str(ROOT)),
                    help="project root whose saved_models/exports holds an X-ray export")  # fmt: skip
@@ -49,6 +50,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=None, help="server intra-op threads (default: all cores)")
     p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"))
+    p.set_defaults(_run=run)
 
 
 def _free_port() -> int:
