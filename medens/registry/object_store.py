@@ -41,6 +41,7 @@ from medens.errors import RegistryError
 from medens.registry.semver import SemVer
 from medens.registry.versioning import read_metadata, split_checkpoint_name, verify_versioned
 from medens.utils.hashing import sha256_file
+from medens.utils.jsonio import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -453,10 +454,7 @@ class ModelStore:
         """The exports in `exports_dir/manifest.json` whose source checkpoint has SHA-256 `sha`."""
         if exports_dir is None or not (exports_dir / "manifest.json").is_file():
             return None
-        try:
-            manifest = json.loads((exports_dir / "manifest.json").read_text())
-        except ValueError as exc:
-            raise StoreError(f"{exports_dir / 'manifest.json'}: unreadable export manifest ({exc})") from exc
+        manifest = read_json_object(exports_dir / "manifest.json", "export manifest", StoreError)
         entries, files = {}, []
         for target, entry in (manifest.get("exports") or {}).items():
             if (entry.get("source_checkpoint") or {}).get("sha256") != sha:

@@ -41,12 +41,8 @@ class Bundle:
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
-    try:
-        from medens.export import read_manifest
-    except ImportError:  # pragma: no cover (older medens.export)
-        import json
+    from medens.export import read_manifest  # refuses a manifest that names code to build
 
-        return json.loads((folder / "manifest.json").read_text())
     return read_manifest(folder / "manifest.json")
 
 
