@@ -255,7 +255,7 @@ def test_postprocess_setting_typos_are_config_errors():
 
 
 def test_test_time_mirroring_is_flip_equivariant_and_exact_for_a_pointwise_net():
-    from medens.models.mri_postprocess import flip_averaged_logits
+    from medens.models.tta import flip_averaged_logits
 
     torch.manual_seed(0)
     x = torch.randn(2, 2, 10, 8, 6)

@@ -304,8 +304,6 @@ _SELECTION = {
 }
 
 
-
-
 def markdown_report(report: dict[str, Any]) -> str:
     """The report as a short Markdown page (per-fold table, summary, bootstrap)."""
     b = report["baseline"]

@@ -41,10 +41,10 @@ from medens.models.mri_postprocess import (
     DEFAULT_CANDIDATES,
     brain_of,
     choose_postprocess,
-    flip_averaged_logits,
     postprocess,
     region_dice,
 )
+from medens.models.tta import flip_averaged_logits
 from medens.utils.jsonio import write_json_and_markdown
 from medens.utils.timing import cpu_seconds
 

@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from medens.data.splits import patient_kfold, patient_split
 from medens.data.xray import NIH_LABELS, find_label_csv, load_xray_image, read_nih_table
-from medens.data.xray_readers import NIHReader
+from medens.data.xray_readers import NIHReader, read_medmnist
 from medens.errors import ConfigError, DataError
 from medens.evaluation.baselines import fit_pixel_baseline, mean_auc
 from medens.evaluation.calibration import apply_calibration, fit_calibration
@@ -165,13 +165,12 @@ def _predict(net: nn.Module, x: torch.Tensor) -> np.ndarray:
 def load_pretraining_images(path: str | Path, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(images [N, size, size] in [0, 1], labels [N, k]) of a MedMNIST .npz's train and val splits (its test
     split stays unused): the other chest X-ray set the CNN is pretrained on."""
-    path = Path(path)
     try:
-        with np.load(path) as d:
-            imgs = np.concatenate([d["train_images"], d["val_images"]])
-            labels = np.concatenate([d["train_labels"], d["val_labels"]]).reshape(len(imgs), -1)
-    except (OSError, KeyError, ValueError) as exc:
+        splits = read_medmnist(path)  # the X-ray reader's own checks
+    except DataError as exc:
         raise DataError(f"{path}: not a MedMNIST .npz with train/val images and labels ({exc})") from exc
+    imgs = np.concatenate([splits["train"][0], splits["val"][0]])
+    labels = np.concatenate([splits["train"][1], splits["val"][1]])
     if imgs.ndim == 4:  # RGB MedMNIST sets: luminance
         imgs = imgs @ np.array([0.299, 0.587, 0.114])
     x = torch.from_numpy(imgs.astype(np.float32) / 255.0)[:, None]

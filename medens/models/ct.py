@@ -23,6 +23,7 @@ from medens.checkpoint.io import MEDENS_KEY
 from medens.errors import ConfigError
 from medens.metrics.classification import LabelROC
 from medens.models.base import MedensModule
+from medens.models.tta import spatial_flips
 
 
 def count_parameters(net: nn.Module) -> int:
@@ -140,8 +141,7 @@ class CTClassifier(MedensModule):
             x = x.contiguous(memory_format=torch.channels_last_3d)
         if not self.tta_flips:
             return self.probability(self.net(x))
-        flips = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
-        probs = [self.probability(self.net(torch.flip(x, dims=f) if f else x)) for f in flips]
+        probs = [self.probability(self.net(torch.flip(x, dims=f) if f else x)) for f in spatial_flips(x.ndim)]
         return torch.stack(probs).mean(0)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:

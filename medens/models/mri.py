@@ -30,10 +30,10 @@ from medens.models.mri_postprocess import (
     best_candidate,
     brain_of,
     check_choice,
-    flip_averaged_logits,
     postprocess,
     region_dice,
 )
+from medens.models.tta import flip_averaged_logits
 
 
 def default_loss() -> nn.Module:

@@ -3,18 +3,16 @@
 Candidates: restrict every tumour label to the brain mask; remove connected components of the whole
 tumour smaller than ``min_size`` voxels; keep only the largest whole-tumour component. `choose_postprocess`
 scores each candidate on validation cases and keeps the one with the best mean whole-tumour Dice
-(ties go to the simpler one, listed first). `flip_averaged_logits` is the test-time mirroring. The module,
-cross-validation and the server share these, so a served label map equals evaluation's.
+(ties go to the simpler one, listed first). The module, cross-validation and the server share these, so a
+served label map equals evaluation's.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from medens.errors import ConfigError
@@ -99,21 +97,6 @@ def check_choice(value: Any, candidates: Sequence[Mapping[str, Any]] | None) -> 
 def best_candidate(table: Sequence[Mapping[str, Any]]) -> int:
     """Index of the row with the best mean whole-tumour Dice; ties go to the simpler one, listed first."""
     return max(range(len(table)), key=lambda i: (table[i]["wt"], -i))
-
-
-def flip_averaged_logits(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Test-time mirroring: log of the softmax averaged over every flip of the spatial axes of `x`
-    ([B, C, *spatial]), each prediction flipped back. Softmax of the result is the averaged probability,
-    so it stands in for logits wherever those are used (argmax, loss, temperature)."""
-    axes = range(2, x.ndim)
-    flips = [f for r in range(len(axes) + 1) for f in itertools.combinations(axes, r)]
-    total: torch.Tensor | None = None
-    for f in flips:
-        prob = torch.softmax(fn(torch.flip(x, dims=f) if f else x).float(), dim=1)
-        prob = torch.flip(prob, dims=f) if f else prob
-        total = prob if total is None else total + prob
-    assert total is not None
-    return torch.log((total / len(flips)).clamp_min(1e-8))
 
 
 def choose_postprocess(

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from medens.errors import MedensError
+from medens.models.tta import flip_averaged_logits, spatial_flips
 from medens.utils.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
 MODELS = ("xray", "ct", "mri", "ensemble")
 FOLDERS = {"xray": "xray", "ct": "ct", "mri": "mri", "ensemble": "ensemble"}
-FLIPS = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
 
 
 class ServeError(MedensError):
@@ -186,7 +186,7 @@ class ServedModel:
                 return list(self._calibrated(probs))
             if self.model == "ct":
                 x = torch.stack(items)
-                flips = FLIPS if self.inference.get("tta_flips") else [()]
+                flips = spatial_flips(x.ndim) if self.inference.get("tta_flips") else [()]
                 probs = np.mean([self._ct_prob(torch.flip(x, dims=f) if f else x) for f in flips], axis=0)
                 return list(self._calibrated(probs))
             if self.model == "mri":
@@ -218,8 +218,6 @@ class ServedModel:
             return torch.from_numpy(self._forward(x.float())[0])
 
         if self.inference.get("tta_flips"):  # evaluation's test-time mirroring, same function
-            from medens.models.mri_postprocess import flip_averaged_logits
-
             return flip_averaged_logits(lambda v: inferer(v, net), image[None].float())[0].numpy()
         return inferer(image[None].float(), net)[0].numpy()
 
