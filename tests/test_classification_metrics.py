@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from sklearn.metrics import roc_auc_score
 
 from medens.evaluation.classification import auc_per_class, operating_points, threshold_for_sensitivity
-from medens.metrics.classification import LabelROC, mean_defined, per_label_auroc
+from medens.metrics.classification import LabelROC, binary_auroc, mean_defined, per_label_auroc
 
 
 def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -39,6 +39,18 @@ def test_unknown_labels_masked_and_undefined_class_left_out_of_the_mean() -> Non
     assert report["auc"]["none"] is None and report["n_classes_with_auc"] == 2  # null in JSON
     assert report["mean_auc"] == pytest.approx(mean_defined(aucs))
     assert report["counts"]["none"]["positives"] == 0
+
+
+def test_binary_auroc_for_reports_masks_unknown_targets_and_missing_scores() -> None:
+    probs, targets = _data(2)
+    scores = probs[:, 0].astype(np.float64) * 40 - 7  # outside [0, 1] (a diameter in mm): same ranks
+    scores[::9] = np.nan  # a missing modality: no score
+    known = np.isfinite(targets[:, 0]) & np.isfinite(scores)
+    assert binary_auroc(targets[:, 0], scores) == pytest.approx(
+        roc_auc_score(targets[known, 0], scores[known]), abs=1e-12
+    )
+    assert binary_auroc(targets[:, 2], probs[:, 2]) is None  # no positive: null, not 0.5
+    assert binary_auroc([1.0, np.nan], [0.3, 0.4]) is None and binary_auroc([], []) is None
 
 
 def test_epoch_of_batches_equals_one_shot_and_reset_starts_over() -> None:

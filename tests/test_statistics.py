@@ -274,6 +274,14 @@ def test_weighted_average_keeps_all_missing_patients_and_refuses_a_target_withou
     assert np.isfinite(out).all() and out[1] == pytest.approx(y.mean())
     with pytest.raises(DataError, match="target 'progression' has no label"):
         fit_weighted_average(raw, np.full(200, np.nan), "auc", target="progression")
+    # fit patients of one class: the AUC is undefined for every weight (NaN, null in JSON, never a
+    # stand-in 0.5), so the weights are chosen by log-loss alone
+    one_class = fit_weighted_average(raw, np.zeros(200), "auc", step=0.1, target="malignancy")
+    by_log_loss = fit_weighted_average(raw, np.zeros(200), "log_loss", step=0.1, target="malignancy")
+    assert math.isnan(one_class["fit_objective_value"])
+    grid = {tuple(np.round(w, 6)) for w in np.linspace([0, 1], [1, 0], 11)}
+    assert tuple(np.round(one_class["weights"], 6)) in grid
+    assert one_class["weights"] @ [1, 0] == pytest.approx(by_log_loss["weights"] @ [1, 0], abs=0.1)
 
 
 def test_ensemble_methods_are_scored_on_the_same_patients_with_the_same_resamples():

@@ -6,7 +6,6 @@ Runs at `on_test_end`, when the best meta-learner checkpoint is loaded, so every
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -28,8 +27,9 @@ from medens.evaluation.statistics import (
     paired_auc_comparison,
     weighted_auc,
 )
+from medens.metrics.classification import binary_auroc
 from medens.utils.atomic import write_csv
-from medens.utils.jsonio import write_json_strict
+from medens.utils.jsonio import read_json_object, write_json_strict
 
 log = logging.getLogger(__name__)
 
@@ -237,16 +237,12 @@ class EnsembleReport(Callback):
         stamp, latent = root / "cohort.json", root / "latent.csv"
         if not (stamp.is_file() and latent.is_file()):
             return None
-        from sklearn.metrics import roc_auc_score
-
-        spec = json.loads(stamp.read_text()).get("targets", {})
+        spec = read_json_object(stamp, "synthetic cohort stamp", ConfigError).get("targets", {})
         lat = pd.read_csv(latent, dtype={"patient_id": str}).set_index("patient_id").loc[test["patient_id"]]
         out = {}
         for t in dm.targets:
             if t in spec:
-                yt = test[t].to_numpy(float)
-                ok = np.isfinite(yt)
                 score = lat[["a_xray", "a_ct", "a_mri"]].to_numpy() @ np.asarray(spec[t]["weights"])
-                if 0 < yt[ok].sum() < ok.sum():
-                    out[t] = float(roc_auc_score(yt[ok], score[ok]))
+                if (auc := binary_auroc(test[t].to_numpy(float), score)) is not None:
+                    out[t] = auc
         return out or None

@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_curve
 
 from medens.evaluation.classification import save_figure
 from medens.evaluation.report_html import table, write_page
+from medens.metrics.classification import binary_auroc
 from medens.utils.atomic import atomic_write_text
 from medens.utils.jsonio import write_json_strict
 
@@ -33,10 +34,10 @@ def plot_roc(y: Mapping[str, np.ndarray], scores: Mapping[str, Mapping[str, np.n
     for ax, t in zip(axes[0], targets, strict=True):
         for method, s in scores[t].items():
             ok = np.isfinite(y[t]) & np.isfinite(s)
-            if ok.sum() and 0 < y[t][ok].sum() < ok.sum():
+            auc = binary_auroc(y[t], s)
+            if auc is not None:
                 fpr, tpr, _ = roc_curve(y[t][ok], s[ok])
-                ax.plot(fpr, tpr, lw=2.2 if method == "meta_learner" else 1.3,
-                        label=f"{method} ({roc_auc_score(y[t][ok], s[ok]):.3f})")  # fmt: skip
+                ax.plot(fpr, tpr, lw=2.2 if method == "meta_learner" else 1.3, label=f"{method} ({auc:.3f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(title=t, xlabel="1 - specificity", ylabel="sensitivity")
         ax.legend(fontsize=8, loc="lower right")

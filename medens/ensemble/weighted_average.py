@@ -12,14 +12,15 @@ function, so gradients do not help) or minimise log-loss (the same grid, refined
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 
 from medens.errors import DataError
+from medens.metrics.classification import binary_auroc
 
 OBJECTIVES = ("auc", "log_loss")
 
@@ -46,8 +47,9 @@ def combine(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def _objective(p: np.ndarray, y: np.ndarray, objective: str) -> float:
     ok = np.isfinite(p)
     p, y = p[ok], y[ok]
-    if objective == "auc":
-        return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else 0.5
+    if objective == "auc":  # NaN where undefined (fit patients of one class): every weight ties
+        auc = binary_auroc(y, p)
+        return math.nan if auc is None else auc
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return -float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))  # higher is better
 
@@ -107,7 +109,7 @@ def fit_weighted_average(
         # AUC is a step function: an uninformative source (calibrated to a near constant) can win a
         # grid point by chance. Weights within `auc_tolerance` of the best AUC count as tied and the
         # tie goes to the best log-loss, so weight lands on sources that carry signal
-        tied = np.flatnonzero(scores >= scores.max() - auc_tolerance)
+        tied = np.arange(len(grid)) if np.isnan(scores).any() else np.flatnonzero(scores >= scores.max() - auc_tolerance)
         ll = [_objective(combine(probs, grid[i]), y, "log_loss") for i in tied]
         best = grid[int(tied[int(np.argmax(ll))])]
     else:

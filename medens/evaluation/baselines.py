@@ -9,15 +9,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 
 from medens.errors import ConfigError, DataError
+from medens.metrics.classification import mean_defined, per_label_auroc
 
 
 def downsample_pixels(images: np.ndarray, size: int = 32) -> np.ndarray:
@@ -31,11 +32,11 @@ def downsample_pixels(images: np.ndarray, size: int = 32) -> np.ndarray:
 
 
 def mean_auc(y: np.ndarray, scores: np.ndarray, columns: Sequence[int] | None = None) -> float | None:
-    """Mean ROC AUC over the label columns that have both classes (None when none has)."""
-    y, scores = np.asarray(y), np.asarray(scores)
-    cols = range(y.shape[1]) if columns is None else columns
-    aucs = [roc_auc_score(y[:, j], scores[:, j]) for j in cols if len(np.unique(y[:, j])) == 2]
-    return float(np.mean(aucs)) if aucs else None
+    """Mean AUC over the label columns that have one (`medens.metrics.classification`'s convention);
+    None when none has."""
+    cols = list(range(np.shape(y)[1]) if columns is None else columns)
+    mean = mean_defined(per_label_auroc(np.asarray(scores)[:, cols], np.asarray(y)[:, cols]))
+    return None if math.isnan(mean) else mean
 
 
 class PixelLogisticRegression:

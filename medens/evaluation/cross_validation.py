@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
-from sklearn.metrics import roc_auc_score
 
 from medens.checkpoint.io import load_checkpoint, load_network_weights
 from medens.errors import ConfigError
@@ -35,6 +34,7 @@ from medens.evaluation.classification import operating_points, threshold_for_sen
 from medens.evaluation.predict import predict_all
 from medens.evaluation.report_html import fmt_num
 from medens.evaluation.statistics import paired_auc_comparison
+from medens.metrics.classification import binary_auroc as _auc
 from medens.training.train import train
 from medens.training.validation import TRAIN_KEYS, validate_config
 from medens.utils.atomic import write_csv
@@ -53,10 +53,6 @@ def recipe_options(cfg: DictConfig, name: str, defaults: dict[str, Any]) -> dict
     if unknown:
         raise ConfigError(f"unknown config key(s) cv.{name}.{sorted(unknown)}; known: {sorted(defaults)}")
     return {k: {**v, **(user.get(k) or {})} if isinstance(v, dict) else user.get(k, v) for k, v in defaults.items()}
-
-
-def _auc(y: np.ndarray, s: np.ndarray) -> float | None:
-    return float(roc_auc_score(y, s)) if len(np.unique(y)) == 2 else None
 
 
 def predict_cases(model: Any, loader: Any) -> pd.DataFrame:

@@ -1,7 +1,9 @@
 """Classification metrics: AUROC per label and the operating point, from torchmetrics.
 
 Convention (the one used everywhere medens reports an AUC: the LightningModules' logged ``*/auc``, the
-evaluation reports, the ensemble's meta-learner):
+evaluation reports, cross-validation and its baselines, the ensemble's meta-learner, weighted average and
+report; only the bootstrap and DeLong code of `medens.evaluation.statistics` computes AUCs itself, vectorised
+over resamples, and it returns NaN where this convention does):
 
 - **Unknown labels** (NaN targets, e.g. a label a dataset does not have) are masked out per label; they
   count neither as positive nor as negative.
@@ -167,6 +169,15 @@ def per_label_auroc(probs: Any, targets: Any) -> list[float]:
     metric = LabelROC(num_labels=p.shape[1])
     metric.update(p, t)
     return [float(v) for v in metric.auroc()]
+
+
+def binary_auroc(targets: Any, scores: Any) -> float | None:
+    """AUROC of one score [N] by the convention above, for reports: cases whose target or score is not
+    finite (unknown label, missing modality) are left out; None (JSON ``null``) where undefined."""
+    t, s = np.asarray(targets, dtype=np.float64).reshape(-1), np.asarray(scores, dtype=np.float64).reshape(-1)
+    known = np.isfinite(t) & np.isfinite(s)
+    auc = per_label_auroc(s[known, None], t[known, None])[0] if known.any() else math.nan
+    return None if math.isnan(auc) else auc
 
 
 def operating_point(probs: Any, targets: Any, threshold: float, target_sensitivity: float) -> dict[str, float]:
