@@ -9,7 +9,6 @@ A stage is skipped when its outputs exist and a digest of its resolved config an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,17 +23,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from medens.callbacks.preemption import Preempted
 from medens.errors import ConfigError
 from medens.logging_setup import install_warning_filters, log_file, quiet_console
+from medens.utils.hashing import sha256_file, sha256_text
 from medens.utils.jsonio import read_json_or_none, write_json_strict
 
 log = logging.getLogger(__name__)
 
 STAGES = ("cohort", "xray", "ct", "mri", "ensemble")
-
-
-def _sha256(path: str | Path) -> str | None:
-    from medens.utils.hashing import sha256_file
-
-    return sha256_file(path) if Path(path).is_file() else None
 
 
 def stage_digest(stage_cfg: DictConfig, run_dir: Path) -> str:
@@ -45,11 +39,15 @@ def stage_digest(stage_cfg: DictConfig, run_dir: Path) -> str:
     inputs: dict[str, Any] = {}
     data = resolved.get("data") or {}
     for m, spec in (data.get("base_models") or {}).items():
-        inputs[f"base.{m}"] = _sha256(spec.get("ckpt_path", ""))
+        inputs[f"base.{m}"] = _file_digest(spec.get("ckpt_path", ""))
     cohort = resolved.get("cohort") or {}
     if cohort.get("manifest"):
-        inputs["manifest"] = _sha256(cohort["manifest"])
-    return hashlib.sha256((text + json.dumps(inputs, sort_keys=True)).encode()).hexdigest()
+        inputs["manifest"] = _file_digest(cohort["manifest"])
+    return sha256_text(text + json.dumps(inputs, sort_keys=True))
+
+
+def _file_digest(path: str | Path) -> str | None:
+    return sha256_file(path) if Path(path).is_file() else None
 
 
 class StageStamps:

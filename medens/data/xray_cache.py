@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from medens.errors import ConfigError, DataError
+from medens.utils.hashing import sha256_file, sha256_json, sha256_text
 from medens.utils.jsonio import read_json_or_none
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,6 @@ def decode_resized(path: Path, size: int) -> np.ndarray:
 
 def source_fingerprint(image_root: Path, names: Sequence[str], mode: str = "stat") -> str:
     """sha256 over each source image's (name, size, mtime_ns) or, with mode='sha256', its content."""
-    from medens.utils.hashing import sha256_file
-
     h = hashlib.sha256()
     for name in names:
         p = image_root / name
@@ -140,14 +139,10 @@ def cache_payload(image_root: Path, names: Sequence[str], size: int, fingerprint
         "resize": RESIZE,
         "image_root": str(Path(image_root).resolve()),
         "n_images": len(names),
-        "names_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
+        "names_sha256": sha256_text("\n".join(names)),
         "fingerprint_mode": fingerprint,
         "fingerprint": source_fingerprint(image_root, names, fingerprint),
     }
-
-
-def payload_key(payload: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 class XRayCache:
@@ -276,7 +271,7 @@ def ensure_xray_cache(
     image_root = Path(image_root)
     size = settings.resolved_size(image_size)
     payload = cache_payload(image_root, names, size, settings.fingerprint)
-    key = payload_key(payload)
+    key = sha256_json(payload)
     root = Path(str(settings.dir)).expanduser()
     folder = root / f"xray-{key[:16]}"
     cache = _read_complete(folder, payload)
@@ -318,7 +313,7 @@ def _build_locked(folder, image_root, names, payload, settings, replace_folder_a
         failed = _build(tmp, image_root, names, size, workers, settings.progress)
         manifest = {
             "payload": dict(payload),
-            "key": payload_key(payload),
+            "key": sha256_json(payload),
             "names": list(names),
             "failed": failed,
             "shape": [len(names), size, size],

@@ -6,8 +6,6 @@ version, so a retrained base model or an edited manifest never reuses stale feat
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,7 +17,7 @@ from medens.data.cohort.manifest import MODALITY_COLUMNS
 from medens.ensemble.base_models import FrozenBaseModel
 from medens.errors import DataError
 from medens.utils.atomic import atomic_path
-from medens.utils.hashing import sha256_file
+from medens.utils.hashing import sha256_file, sha256_json, sha256_text
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +33,9 @@ def features_cache_key(manifest_path: Path, base: Mapping[str, FrozenBaseModel],
         "version": FEATURE_VERSION,
         "manifest": sha256_file(manifest_path),
         "base": {m: b.sha256 for m, b in sorted(base.items())},
-        "rows": hashlib.sha256("\n".join(rows).encode()).hexdigest(),
+        "rows": sha256_text("\n".join(rows)),
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    return sha256_json(payload)[:20]
 
 
 def compute_base_features(

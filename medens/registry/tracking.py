@@ -21,7 +21,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from medens.errors import RegistryError
-from medens.registry.versioning import sha256_json
+from medens.utils.hashing import sha256_json
 
 log = logging.getLogger(__name__)
 

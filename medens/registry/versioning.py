@@ -29,7 +29,7 @@ from typing import IO, Any, Protocol
 from medens.errors import CheckpointError, RegistryError
 from medens.registry.semver import BUMPS, NO_VERSION, SEMVER_PATTERN, SemVer
 from medens.utils.atomic import atomic_path, atomic_write_text
-from medens.utils.hashing import sha256_file
+from medens.utils.hashing import sha256_file, sha256_json
 from medens.utils.jsonio import read_json_object
 
 log = logging.getLogger(__name__)
@@ -166,11 +166,6 @@ def next_version(
                 f"version {target} already exists: {what}{same}; versions are never overwritten"
             )
     return target
-
-
-def sha256_json(obj: Any) -> str:
-    """Digest of a JSON document in canonical form (sorted keys), e.g. of the hyperparameters."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _copy_stream(src: IO[bytes], dst: IO[bytes], hasher: Any) -> None:

@@ -96,11 +96,6 @@ def fingerprint_tree(
     return h.hexdigest()
 
 
-def cache_key(payload: Mapping[str, Any]) -> str:
-    """Stable hash of a JSON-able description of the inputs and preprocessing."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def cache_path_for(cache_dir: Path, source: str, key: str) -> Path:
     return Path(cache_dir) / f"ct-{source}-{key[:16]}"
 

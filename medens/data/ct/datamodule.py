@@ -31,6 +31,7 @@ from medens.data.ct.transforms import CTAugment, normalise_augment
 from medens.data.loaders import make_loader
 from medens.data.splits import patient_kfold, patient_split
 from medens.errors import ConfigError, DataError
+from medens.utils.hashing import sha256_json
 from medens.utils.paths import cache_root
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ class CTDataModule(L.LightningDataModule):
             "patch": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.patch_config).items()},
             "on_error": self.on_error,
         }
-        return ct_cache.cache_key(payload)
+        return sha256_json(payload)
 
     # ----------------------------------------------------------------------------------- lightning
 

@@ -17,7 +17,6 @@ the same for a resumed run, with any number of workers, whatever the global RNG 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from medens.data.loaders import make_loader
 from medens.data.splits import patient_split
 from medens.errors import ConfigError, DataError
+from medens.utils.hashing import sha256_json
 from medens.utils.paths import cache_root
 
 from .brats import CANONICAL_MODALITIES, LABEL_NAMES, NUM_CLASSES, REGIONS, BraTSCase, resolve_modalities
@@ -485,8 +485,7 @@ class BraTSDataModule(L.LightningDataModule):
             **self.reader.fingerprint(case),
             "crop": [self.crop_foreground, self.crop_margin],
         }
-        digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
-        return f"{case.case_id}-{digest}"
+        return f"{case.case_id}-{sha256_json(record)[:32]}"
 
     def _persistent(self, cases: Sequence[BraTSCase]) -> PersistentDataset:
         return PersistentDataset(
