@@ -25,10 +25,10 @@ from medens.data.ct.datasets import CTPatchDataset
 from medens.data.ct.geometry import hu_window
 from medens.data.ct.labels import NoduleRecord, apply_rule, normalise_rule, resolve_label_column
 from medens.data.ct.readers import CTReader, build_reader
-from medens.data.ct.readers import plain as _plain
 from medens.data.ct.sources import ErrorPolicy
 from medens.data.ct.transforms import CTAugment, normalise_augment
 from medens.data.loaders import make_loader
+from medens.data.reader import plain_config
 from medens.data.splits import patient_kfold, patient_split
 from medens.errors import ConfigError, DataError
 from medens.utils.hashing import sha256_json
@@ -94,7 +94,7 @@ class CTDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.reader = build_reader(source)
-        channels = tuple(_plain(channels))
+        channels = tuple(plain_config(channels))
         if (
             not channels
             or channels[0] != "image"
@@ -104,7 +104,7 @@ class CTDataModule(L.LightningDataModule):
             raise ConfigError(f"channels must be [image] or [image, mask], got {list(channels)}")
         if "mask" in channels and not self.reader.has_masks:
             raise ConfigError(f"channels: source {self.reader.name} has no nodule masks; use [image]")
-        window = tuple(float(v) for v in _plain(hu_window))
+        window = tuple(float(v) for v in plain_config(hu_window))
         if len(window) != 2 or not window[1] > window[0]:
             raise ConfigError(f"hu_window must be [low, high] with low < high, got {list(window)}")
         if int(patch_size) < 4 or float(spacing_mm) <= 0:
@@ -141,7 +141,7 @@ class CTDataModule(L.LightningDataModule):
             pad_hu=float(pad_hu),
             channels=channels,
         )
-        self.rule = normalise_rule(_plain(malignancy_rule))
+        self.rule = normalise_rule(plain_config(malignancy_rule))
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
@@ -152,15 +152,15 @@ class CTDataModule(L.LightningDataModule):
         self.fold = int(fold)
         self.inner_val_fraction = float(inner_val_fraction)
         self.cache_dir = Path(cache_dir) if cache_dir else _default_cache_dir()
-        self.augment_cfg = normalise_augment(_plain(augment))
+        self.augment_cfg = normalise_augment(plain_config(augment))
         self.on_error = on_error
         self.save_hyperparameters(logger=False)
         # Lightning stores these in every checkpoint, which medens loads with weights_only=True:
         # Hydra's ListConfig/DictConfig (or a reader object) would make the file unloadable, so keep
         # plain containers; the reader is recorded as its `_target_` config.
         for key in list(self.hparams):
-            self.hparams[key] = _plain(self.hparams[key])
-        self.hparams["source"] = _plain(self.reader.config())
+            self.hparams[key] = plain_config(self.hparams[key])
+        self.hparams["source"] = plain_config(self.reader.config())
 
         self.datasets: dict[str, CTPatchDataset] = {}
         self.skipped: list[dict[str, str]] = []  # bad inputs skipped under on_error=skip

@@ -297,7 +297,7 @@ class SyntheticLuna16Reader(Luna16Reader):
         super().__post_init__()
         from medens.data.ct.synthetic import synthetic_params
 
-        self.generator = plain(self.generator or {})
+        self.generator = plain_config(self.generator or {})
         try:
             synthetic_params(**self.generator)
         except (TypeError, ValueError) as exc:
@@ -453,8 +453,6 @@ READERS: dict[str, type[CTReader]] = {
 }
 
 
-plain = plain_config
-
 
 def build_reader(source: CTReader | str | Mapping[str, Any]) -> CTReader:
     """A CT reader from a reader, a short name of :data:`READERS`, or a ``{_target_: ..., ...}`` config."""
@@ -483,7 +481,7 @@ LEGACY_KEYS = ("annotations_csv", "labels_csv", "scans_dir", "image_dir", "mask_
 def upgrade_legacy_config(data: Mapping[str, Any]) -> dict[str, Any]:
     """An old flat CT data config (``source: luna16`` beside ``annotations_csv``, ``generator``, ...) as the
     reader form, so checkpoints written before readers still evaluate; any other config is returned as is."""
-    out = plain(data)
+    out = plain_config(data)
     if not str(out.get("_target_", "")).endswith("CTDataModule") or not any(k in out for k in LEGACY_KEYS):
         return out
     legacy = {k: out.pop(k) for k in LEGACY_KEYS if k in out}

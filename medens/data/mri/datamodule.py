@@ -31,13 +31,14 @@ from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset
 
 from medens.data.loaders import make_loader
+from medens.data.reader import plain_config
 from medens.data.splits import patient_split
 from medens.errors import ConfigError, DataError
 from medens.utils.hashing import sha256_json
 from medens.utils.paths import cache_root
 
 from .brats import CANONICAL_MODALITIES, LABEL_NAMES, NUM_CLASSES, REGIONS, BraTSCase, resolve_modalities
-from .readers import LEGACY_KEYS, BraTSReader, build_reader, legacy_reader, to_plain
+from .readers import LEGACY_KEYS, BraTSReader, build_reader, legacy_reader
 from .transforms import (
     build_decode_transform,
     build_eval_transform,
@@ -166,13 +167,13 @@ class BraTSDataModule(L.LightningDataModule):
         # Hydra passes OmegaConf containers; the checkpoint stores these hyperparameters and must hold
         # plain python only (medens loads checkpoints with weights_only=True)
         for key in list(self.hparams):
-            self.hparams[key] = to_plain(self.hparams[key])
+            self.hparams[key] = plain_config(self.hparams[key])
         self.hparams["source"] = self.reader.config()
         self.root = Path(str(root)).expanduser()
-        self._modalities = resolve_modalities(to_plain(modalities))
+        self._modalities = resolve_modalities(plain_config(modalities))
         self.reader.check(self._modalities)  # fail fast on config typos
         self.label_map = self.reader.codes
-        self.patch_size = [int(p) for p in to_plain(patch_size)]
+        self.patch_size = [int(p) for p in plain_config(patch_size)]
         self.pos_neg_ratio = float(pos_neg_ratio)
         self.samples_per_volume = int(samples_per_volume)
         self.batch_size = int(batch_size)
@@ -186,7 +187,7 @@ class BraTSDataModule(L.LightningDataModule):
             raise ConfigError(f"cache: '{cache}' is not one of {list(CACHE_MODES)}")
         self.cache = cache
         self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else cache_root() / "mri"
-        self.augment = resolve_augment(to_plain(augment) if augment else None)
+        self.augment = resolve_augment(plain_config(augment) if augment else None)
         if on_error not in ("error", "skip"):
             raise ConfigError(f"on_error: '{on_error}' is not one of ['error', 'skip']")
         self.on_error = on_error

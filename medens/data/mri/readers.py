@@ -38,8 +38,6 @@ from .brats import (
     resolve_patterns,
 )
 
-to_plain = plain_config
-
 
 def _load_mha(path: str) -> nib.Nifti1Image:
     """A MetaImage (``.mha``/``.mhd``, ITK's LPS world) as an in-memory NIfTI (RAS), so the rest reads one form."""
@@ -148,8 +146,8 @@ class BraTSReader(DatasetReader):
 
     def __post_init__(self) -> None:
         self.naming = str(self.naming)
-        self.file_patterns = to_plain(self.file_patterns) if self.file_patterns else None
-        self.label_map = to_plain(self.label_map) if self.label_map is not None else None
+        self.file_patterns = plain_config(self.file_patterns) if self.file_patterns else None
+        self.label_map = plain_config(self.label_map) if self.label_map is not None else None
         self.codes = resolve_label_map(self.label_preset, self.label_map)  # raw code -> medens class
 
     def check(self, modalities: Sequence[str]) -> None:
@@ -224,10 +222,10 @@ class SyntheticBraTSReader(BraTSReader):
         from .synthetic import synthetic_params
 
         try:
-            self.params = synthetic_params(**(to_plain(self.generator) or {}))
+            self.params = synthetic_params(**(plain_config(self.generator) or {}))
         except TypeError as e:
             raise ConfigError(f"synthetic: {e}; known keys: n_cases, shape, seed, spacing, naming") from None
-        self.generator = to_plain(self.generator) or {}
+        self.generator = plain_config(self.generator) or {}
         if self.label_preset is None:
             self.label_preset = f"brats{self.params['naming']}"
         super().__post_init__()
@@ -310,7 +308,7 @@ def build_reader(source: BraTSReader | str | Mapping[str, Any]) -> BraTSReader:
 
 def legacy_reader(legacy: Mapping[str, Any]) -> BraTSReader:
     """The reader a flat, pre-reader data config meant (``naming``, ``label_preset``, ``synthetic``, ...)."""
-    kw = {k: to_plain(v) for k, v in legacy.items() if v is not None}
+    kw = {k: plain_config(v) for k, v in legacy.items() if v is not None}
     synthetic, generate = kw.pop("synthetic", None), bool(kw.pop("generate_if_missing", False))
     naming = kw.pop("naming", "auto")
     if (synthetic is not None or generate) and naming == "auto" and "file_patterns" not in kw:
