@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from medens.data.splits import patient_kfold, patient_split
+from medens.data.splits import patient_kfold, split_by_patient_list
 from medens.data.xray import NIH_LABELS, find_label_csv, load_xray_image, read_nih_table
 from medens.data.xray_readers import NIHReader, read_medmnist
 from medens.errors import ConfigError, DataError
@@ -258,12 +258,6 @@ def predict_cnn(net: nn.Module, x: np.ndarray) -> np.ndarray:
     return _predict(net, torch.from_numpy((x - mu) / sd)[:, None].float())
 
 
-def inner_split(patient_ids: Sequence[str], fraction: float, seed: int) -> dict[str, list[int]]:
-    """Train / inner-validation indices within one fold's training cases (patient-grouped)."""
-    s = patient_split(list(patient_ids), val_fraction=fraction, test_fraction=0.0, seed=seed)
-    return {"train": s["train"], "val": s["val"]}
-
-
 def cross_validate_xray(cfg: DictConfig) -> dict[str, Any]:
     """K-fold CV of the CNN recipe vs the pixel logistic regression; report in ``cfg.paths.output_dir``."""
     opts = xray_options(cfg)
@@ -292,7 +286,7 @@ def cross_validate_xray(cfg: DictConfig) -> dict[str, Any]:
     for k in run:
         tf, tc = time.perf_counter(), cpu_seconds()
         tr_all, te = np.asarray(folds[k]["train"]), np.asarray(folds[k]["val"])
-        inner = inner_split(pids[tr_all], float(opts["inner_val_fraction"]), seed + k)
+        inner = split_by_patient_list(list(pids[tr_all]), float(opts["inner_val_fraction"]), seed + k)
         tr, va = tr_all[inner["train"]], tr_all[inner["val"]]
         assert not set(pids[te]) & set(pids[tr_all]) and not set(pids[va]) & set(pids[tr])
         base, c_table = fit_pixel_baseline(

@@ -29,7 +29,7 @@ from medens.data.ct.sources import ErrorPolicy
 from medens.data.ct.transforms import CTAugment, normalise_augment
 from medens.data.loaders import make_loader
 from medens.data.reader import plain_config
-from medens.data.splits import patient_kfold, patient_split
+from medens.data.splits import patient_kfold, patient_split, split_by_patient_list
 from medens.errors import ConfigError, DataError
 from medens.utils.hashing import sha256_json
 from medens.utils.paths import cache_root
@@ -325,11 +325,8 @@ class CTDataModule(L.LightningDataModule):
         f = folds[self.fold]
         if self.inner_val_fraction > 0:
             train_pool = [pool[i] for i in f["train"]]
-            inner = patient_split(
-                [patient_ids[i] for i in train_pool],
-                val_fraction=self.inner_val_fraction,
-                test_fraction=0.0,
-                seed=self.seed + 1 + self.fold,
+            inner = split_by_patient_list(
+                [patient_ids[i] for i in train_pool], self.inner_val_fraction, self.seed + 1 + self.fold
             )
             return {
                 "train": [train_pool[i] for i in inner["train"]],
