@@ -24,7 +24,7 @@ from medens.callbacks.preemption import Preempted
 from medens.errors import ConfigError
 from medens.logging_setup import install_warning_filters, log_file, quiet_console
 from medens.utils.hashing import sha256_file, sha256_text
-from medens.utils.jsonio import read_json_or_none, write_json_strict
+from medens.utils.jsonio import read_json_object, read_json_or_none, write_json_strict
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _run_model_stage(
     outputs = [best]
     if stage == "ensemble":
         report = out_dir / "report"
-        data = json.loads((report / "report.json").read_text())
+        data = read_json_object(report / "report.json", "ensemble report", ConfigError)
         summary.update(
             report_dir=str(report),
             weighted_average=str(

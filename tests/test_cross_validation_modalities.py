@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medens.errors import ConfigError
+from medens.errors import ConfigError, DataError
 from medens.evaluation.baselines import (
     PixelLogisticRegression,
     choose_flair_threshold,
@@ -188,6 +188,13 @@ def test_xray_cross_validation_is_patient_grouped_and_merges(tmp_path: Path):
     with pytest.raises(Exception, match="share folds"):
         cross_validate(compose("cross_validate", *TINY_XRAY_CV, f"cv.merge=[{parts[0]},{parts[0]}]",
                                root=tmp_path / "m2"))  # fmt: skip
+    torn = tmp_path / "torn"  # a run whose report was cut short: the error names that file
+    torn.mkdir()
+    (torn / "cv_predictions.csv").write_bytes((Path(parts[1]) / "cv_predictions.csv").read_bytes())
+    (torn / "cv_report.json").write_text((Path(parts[1]) / "cv_report.json").read_text()[:200])
+    with pytest.raises(DataError, match=r"torn/cv_report\.json: unreadable cross-validation report"):
+        cross_validate(compose("cross_validate", *TINY_XRAY_CV, f"cv.merge=[{parts[0]},{torn}]",
+                               root=tmp_path / "m3"))  # fmt: skip
 
 
 def test_stratified_patient_folds_keep_patients_whole_and_share_out_each_findings_positives():

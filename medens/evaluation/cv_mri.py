@@ -18,7 +18,6 @@ held-out patient steers anything, and the schedule is fixed (no early stopping).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -45,7 +44,7 @@ from medens.models.mri_postprocess import (
     region_dice,
 )
 from medens.models.tta import flip_averaged_logits
-from medens.utils.jsonio import write_json_and_markdown
+from medens.utils.jsonio import read_json_object, write_json_and_markdown
 from medens.utils.timing import cpu_seconds
 
 log = logging.getLogger(__name__)
@@ -400,7 +399,7 @@ def markdown_mri(report: Mapping[str, Any]) -> str:
 
 def merge_mri(dirs: Sequence[str | Path], out_dir: Path, n_boot: int) -> dict[str, Any]:
     """One report from runs that each held out some patients (e.g. folds run as parallel processes)."""
-    reports = [json.loads((Path(d) / "cv_report.json").read_text()) for d in dirs]
+    reports = [read_json_object(Path(d) / "cv_report.json", "cross-validation report", DataError) for d in dirs]
     rows = sorted((r for rep in reports for r in rep["per_fold"]), key=lambda r: r["fold"])
     if len({r["case_id"] for r in rows}) != len(rows):
         raise DataError(f"cv merge: the runs {list(map(str, dirs))} hold out the same case twice")

@@ -16,7 +16,6 @@ at least ``min_positives`` held-out positives, and a paired patient bootstrap of
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -40,7 +39,7 @@ from medens.evaluation.baselines import fit_pixel_baseline, mean_auc
 from medens.evaluation.calibration import apply_calibration, fit_calibration
 from medens.evaluation.statistics import PatientBootstrap, delong_test, summarise_replicates, weighted_auc
 from medens.utils.atomic import write_csv
-from medens.utils.jsonio import write_json_and_markdown
+from medens.utils.jsonio import read_json_object, write_json_and_markdown
 from medens.utils.timing import cpu_seconds
 
 log = logging.getLogger(__name__)
@@ -426,7 +425,7 @@ def merge_xray(dirs: Sequence[str | Path], out_dir: Path, n_boot: int) -> dict[s
     for d in dirs:
         d = Path(d)
         frames.append(pd.read_csv(d / "cv_predictions.csv", dtype={"patient_id": str}))
-        reports.append(json.loads((d / "cv_report.json").read_text()))
+        reports.append(read_json_object(d / "cv_report.json", "cross-validation report", DataError))
         rows += reports[-1]["per_fold"]
     df = pd.concat(frames, ignore_index=True)
     if df["image"].duplicated().any() or len({r["fold"] for r in rows}) != len(rows):

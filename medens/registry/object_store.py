@@ -519,7 +519,7 @@ class ModelStore:
                 actual = sink.digest.hexdigest()
                 if actual != obj.sha256:
                     raise self._mismatch(obj, self.uri(obj.key), actual)
-            ckpt_meta = json.loads((staging / sv.marker["metadata"]).read_text())
+            ckpt_meta = read_json_object(staging / sv.marker["metadata"], "checkpoint metadata", StoreError)
             if ckpt_meta.get("sha256") != sv.checkpoint.sha256:
                 raise StoreError(
                     f"{self.uri(sv.prefix)}: metadata {sv.marker['metadata']} records SHA-256 "

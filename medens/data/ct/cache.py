@@ -38,6 +38,7 @@ from medens.data.ct.geometry import (
 from medens.data.ct.labels import NoduleRecord
 from medens.data.ct.sources import ErrorPolicy
 from medens.errors import DataError
+from medens.utils.jsonio import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +106,7 @@ def load_manifest(path: Path) -> dict[str, Any] | None:
     mf = path / MANIFEST
     if not mf.is_file() or not (path / PATCHES).is_file():
         return None
-    with open(mf) as fh:
-        return json.load(fh)
+    return read_json_object(mf, "CT patch cache manifest", DataError)
 
 
 def _read_mask(rec: NoduleRecord, scan: ct_io.Scan) -> np.ndarray:

@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from medens.errors import DataError
 from medens.utils.atomic import replace_folder_atomically
+from medens.utils.jsonio import read_json_or_none
 
 log = logging.getLogger(__name__)
 
@@ -283,14 +284,7 @@ def _write_set(out: Path, p: dict[str, Any]) -> None:
 
 def read_recorded_params(out_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The parameters a complete synthetic set at ``out_dir`` was generated with, else None."""
-    f = Path(out_dir) / PARAMS_FILE
-    if not f.is_file():
-        return None
-    try:
-        with open(f) as fh:
-            return json.load(fh)
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_json_or_none(Path(out_dir) / PARAMS_FILE)
 
 
 def generate_luna16_synthetic(

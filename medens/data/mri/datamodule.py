@@ -35,6 +35,7 @@ from medens.data.reader import plain_config
 from medens.data.splits import patient_split
 from medens.errors import ConfigError, DataError
 from medens.utils.hashing import sha256_json
+from medens.utils.jsonio import read_json_object
 from medens.utils.paths import cache_root
 
 from .brats import CANONICAL_MODALITIES, LABEL_NAMES, NUM_CLASSES, REGIONS, BraTSCase, resolve_modalities
@@ -334,7 +335,7 @@ class BraTSDataModule(L.LightningDataModule):
             pending = []
             for case in cases:
                 if (err := self._error_file(self._cache_key(case))).is_file():
-                    bad[case.case_id] = json.loads(err.read_text())["error"]
+                    bad[case.case_id] = read_json_object(err, "MRI cache error record", DataError)["error"]
                 elif not self._on_disk(case):
                     pending.append(case)
             ds = self._persistent(pending)  # prepare_data was not run (plain use outside a Trainer)
