@@ -173,26 +173,23 @@ def fit_mri_temperature(
 ) -> dict[str, Any]:
     """Fit the softmax temperature on the sampled voxels of the checkpoint's own validation split (its
     training data and split, whatever data this evaluation reads) and store it beside the checkpoint."""
-    import torch
-
     from medens.evaluation import calibration as calib
     from medens.evaluation.evaluate import build_from_checkpoint
+    from medens.evaluation.predict import predict_each_batch
 
     if ckpt is None:
         raise ConfigError(f"{ckpt_path}: calibration=temperature needs the checkpoint to fit on its validation split")
     model, dm, _ = build_from_checkpoint(dict(ckpt), ckpt_path, None)
     dm.prepare_data()
     dm.setup("fit")
-    device = torch.device(cfg.get("device", "cpu"))
-    model.eval().to(device)
     val = VoxelSample(inputs.options["voxels_per_case"], inputs.options["seed"])
-    for batch in dm.val_dataloader():
-        if "label" not in batch:
-            continue
-        with torch.no_grad():
-            logits = model.predict_logits(batch["image"].to(device))
-        for i, cid in enumerate(batch["case_id"]):
-            val.add(cid, logits[i], batch["label"][i, 0], batch["image"][i])
+
+    def sample(batch: dict[str, Any], pred: dict[str, Any], _seconds: float) -> None:
+        if "label" in batch:
+            for i, cid in enumerate(batch["case_id"]):
+                val.add(cid, pred["logits"][i], batch["label"][i, 0], batch["image"][i])
+
+    predict_each_batch(model, dm.val_dataloader(), sample, str(cfg.get("device", "cpu")))
     if not len(val):
         raise ConfigError(f"{ckpt_path}: calibration=temperature: the checkpoint's validation split has no labelled case")
     fitted = fit_temperature(val.logits, val.labels)
