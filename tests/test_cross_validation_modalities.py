@@ -295,3 +295,14 @@ def test_mri_leave_one_patient_out_against_flair(tmp_path: Path):
     assert "WT FLAIR" in (tmp_path / "run" / "cv_report.md").read_text()
     with pytest.raises(ConfigError, match="cv.mri"):
         cross_validate(compose("cross_validate", *TINY_MRI_CV, "+cv.mri.stepz=3", root=tmp_path / "bad"))
+    parts = []  # the folds run as two processes would, then merged: the report of the whole
+    for name, folds in (("a", "[0]"), ("b", "[1,2]")):
+        cross_validate(compose("cross_validate", *TINY_MRI_CV, f"cv.folds={folds}", root=tmp_path / name))
+        parts.append(str(tmp_path / name / "run"))
+    merged = cross_validate(compose("cross_validate", *TINY_MRI_CV, f"cv.merge=[{','.join(parts)}]",
+                                    root=tmp_path / "m"))  # fmt: skip
+    assert merged["mean_dice_model"] == pytest.approx(report["mean_dice_model"])
+    assert merged["merged_from"] == parts and "CPU time" in (tmp_path / "m" / "run" / "cv_report.md").read_text()
+    with pytest.raises(DataError, match="hold out the same case twice"):
+        cross_validate(compose("cross_validate", *TINY_MRI_CV, f"cv.merge=[{parts[1]},{parts[1]}]",
+                               root=tmp_path / "m2"))  # fmt: skip

@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medens.checkpoint.io import load_checkpoint, load_network_weights
-from medens.errors import ConfigError
+from medens.errors import ConfigError, DataError
 from medens.evaluation.classification import operating_points, threshold_for_sensitivity
 from medens.evaluation.predict import predict_all
 from medens.evaluation.report_html import fmt_num
@@ -38,7 +39,7 @@ from medens.metrics.classification import binary_auroc as _auc
 from medens.training.train import train
 from medens.training.validation import TRAIN_KEYS, validate_config
 from medens.utils.atomic import write_csv
-from medens.utils.jsonio import write_json_and_markdown
+from medens.utils.jsonio import read_json_object, write_json_and_markdown
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,25 @@ def predict_cases(model: Any, loader: Any) -> pd.DataFrame:
         for cid, y, p in zip(out["case_id"], out["label"].tolist(), out["probs"][:, 0].float().tolist(), strict=True)
     ]
     return pd.DataFrame(rows)
+
+
+def read_runs(dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The ``cv_report.json`` of each run a merge combines (an error naming a missing or torn one)."""
+    return [read_json_object(Path(d) / "cv_report.json", "cross-validation report", DataError) for d in dirs]
+
+
+def merged_from(reports: Sequence[Mapping[str, Any]], dirs: Sequence[str | Path]) -> dict[str, Any]:
+    """What a merged report records of its runs: CPU time summed, the slowest run's wall time, the folders."""
+    return {"cpu_seconds": round(sum(r["cpu_seconds"] for r in reports), 1),
+            "wall_seconds": round(max(r["wall_seconds"] for r in reports), 1),
+            "merged_from": [str(d) for d in dirs], "experiment": reports[0]["experiment"]}  # fmt: skip
+
+
+def time_line(report: Mapping[str, Any]) -> list[str]:
+    """The Markdown report's closing line on CPU and wall time (none when the report has no CPU time)."""
+    if "cpu_seconds" not in report:
+        return []
+    return [f"- CPU time {report['cpu_seconds']:.0f} s (process + children), wall {report['wall_seconds']:.0f} s"]
 
 
 def _fold_config(cfg: DictConfig, fold: int, out_dir: Path, seed: int | None = None) -> DictConfig:

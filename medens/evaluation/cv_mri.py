@@ -35,6 +35,7 @@ from omegaconf import DictConfig, open_dict
 
 from medens.errors import ConfigError, DataError
 from medens.evaluation.baselines import choose_flair_threshold, flair_threshold_segment
+from medens.evaluation.cross_validation import merged_from, read_runs, recipe_options, time_line
 from medens.evaluation.statistics import paired_dice_comparison
 from medens.models.mri_postprocess import (
     DEFAULT_CANDIDATES,
@@ -44,7 +45,7 @@ from medens.models.mri_postprocess import (
     region_dice,
 )
 from medens.models.tta import flip_averaged_logits
-from medens.utils.jsonio import read_json_object, write_json_and_markdown
+from medens.utils.jsonio import write_json_and_markdown
 from medens.utils.timing import cpu_seconds
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,6 @@ DEFAULTS: dict[str, Any] = {
 
 def mri_options(cfg: DictConfig) -> dict[str, Any]:
     """``cv.mri`` merged over `DEFAULTS`; unknown keys are a ConfigError."""
-    from medens.evaluation.cross_validation import recipe_options
-
     opts = recipe_options(cfg, "mri", DEFAULTS)
     if int(opts["steps"]) < 1 or int(opts["batch_size"]) < 1 or int(opts["context"]) < 0:
         raise ConfigError(f"cv.mri: steps, batch_size >= 1 and context >= 0 needed, got {opts}")
@@ -390,23 +389,18 @@ def markdown_mri(report: Mapping[str, Any]) -> str:
             f"{pc['wilcoxon']['p_value']:.3g} (with {pc['n_cases']} cases the smallest two-sided p is "
             f"{2 / 2 ** pc['n_cases']:.3g})"
         )
-    if "cpu_seconds" in report:
-        lines.append(
-            f"- CPU time {report['cpu_seconds']:.0f} s (process + children), wall {report['wall_seconds']:.0f} s"
-        )
+    lines += time_line(report)
     return "\n".join(lines) + "\n"
 
 
 def merge_mri(dirs: Sequence[str | Path], out_dir: Path, n_boot: int) -> dict[str, Any]:
     """One report from runs that each held out some patients (e.g. folds run as parallel processes)."""
-    reports = [read_json_object(Path(d) / "cv_report.json", "cross-validation report", DataError) for d in dirs]
+    reports = read_runs(dirs)
     rows = sorted((r for rep in reports for r in rep["per_fold"]), key=lambda r: r["fold"])
     if len({r["case_id"] for r in rows}) != len(rows):
         raise DataError(f"cv merge: the runs {list(map(str, dirs))} hold out the same case twice")
     report = summarise_mri(rows, reports[0]["recipe"], n_boot)
-    report |= {"cpu_seconds": round(sum(r["cpu_seconds"] for r in reports), 1),
-               "wall_seconds": round(max(r["wall_seconds"] for r in reports), 1),
-               "merged_from": [str(d) for d in dirs], "experiment": reports[0]["experiment"]}  # fmt: skip
+    report |= merged_from(reports, dirs)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_and_markdown(out_dir, "cv_report", report, markdown_mri)
     return report

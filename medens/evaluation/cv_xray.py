@@ -37,9 +37,10 @@ from medens.data.xray_readers import NIHReader, read_medmnist
 from medens.errors import ConfigError, DataError
 from medens.evaluation.baselines import fit_pixel_baseline, mean_auc
 from medens.evaluation.calibration import apply_calibration, fit_calibration
+from medens.evaluation.cross_validation import merged_from, read_runs, recipe_options, time_line
 from medens.evaluation.statistics import PatientBootstrap, delong_test, summarise_replicates, weighted_auc
 from medens.utils.atomic import write_csv
-from medens.utils.jsonio import read_json_object, write_json_and_markdown
+from medens.utils.jsonio import write_json_and_markdown
 from medens.utils.timing import cpu_seconds
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,6 @@ DEFAULTS: dict[str, Any] = {
 
 
 def xray_options(cfg: DictConfig) -> dict[str, Any]:
-    from medens.evaluation.cross_validation import recipe_options
-
     opts = recipe_options(cfg, "xray", DEFAULTS)
     if opts["calibrate"] not in ("none", "platt"):
         raise ConfigError(f"cv.xray.calibrate must be none or platt, got {opts['calibrate']!r}")
@@ -412,22 +411,16 @@ def markdown_xray(report: Mapping[str, Any]) -> str:
         p = v["delong"].get("p_value")
         lines.append(f"| {name} | {v['n_positive']} | {v['auc_model']:.4f} | {v['auc_pixel_lr']:.4f} | "
                      f"{'n/a' if p is None else format(p, '.3g')} |")  # fmt: skip
-    if "cpu_seconds" in report:
-        lines.append(
-            f"\n- CPU time {report['cpu_seconds']:.0f} s (process + children), wall {report['wall_seconds']:.0f} s"
-        )
+    lines += ["", *time_line(report)] if "cpu_seconds" in report else []
     return "\n".join(lines) + "\n"
 
 
 def merge_xray(dirs: Sequence[str | Path], out_dir: Path, n_boot: int) -> dict[str, Any]:
     """One report from runs that each scored some folds (e.g. folds run as parallel processes)."""
-    frames, rows, reports = [], [], []
-    for d in dirs:
-        d = Path(d)
-        frames.append(pd.read_csv(d / "cv_predictions.csv", dtype={"patient_id": str}))
-        reports.append(read_json_object(d / "cv_report.json", "cross-validation report", DataError))
-        rows += reports[-1]["per_fold"]
-    df = pd.concat(frames, ignore_index=True)
+    reports = read_runs(dirs)
+    rows = [r for rep in reports for r in rep["per_fold"]]
+    df = pd.concat([pd.read_csv(Path(d) / "cv_predictions.csv", dtype={"patient_id": str}) for d in dirs],
+                   ignore_index=True)  # fmt: skip
     if df["image"].duplicated().any() or len({r["fold"] for r in rows}) != len(rows):
         raise DataError(f"cv merge: the runs {list(map(str, dirs))} share folds or images")
     y = df[[f"y_{n}" for n in NIH_LABELS]].to_numpy()
@@ -435,10 +428,7 @@ def merge_xray(dirs: Sequence[str | Path], out_dir: Path, n_boot: int) -> dict[s
     pb = df[[f"pixel_lr_{n}" for n in NIH_LABELS]].to_numpy()
     report = summarise_xray(y, pm, pb, df["patient_id"].to_numpy(), sorted(rows, key=lambda r: r["fold"]),
                             reports[0]["recipe"], n_boot)  # fmt: skip
-    report |= {"cpu_seconds": round(sum(r["cpu_seconds"] for r in reports), 1),
-               "wall_seconds": round(max(r["wall_seconds"] for r in reports), 1),
-               "merged_from": [str(d) for d in dirs], "experiment": reports[0]["experiment"],
-               "n_images": int(len(df)), "n_patients": int(df["patient_id"].nunique())}  # fmt: skip
+    report |= merged_from(reports, dirs) | {"n_images": int(len(df)), "n_patients": int(df["patient_id"].nunique())}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(df, out_dir / "cv_predictions.csv")
     write_json_and_markdown(out_dir, "cv_report", report, markdown_xray)
