@@ -158,6 +158,16 @@ def test_platt_on_inner_val_puts_two_models_on_one_scale_and_keeps_their_ranking
     assert cal > raw + 0.05, (raw, cal)
 
 
+def _folds_run_apart_then_merged(recipe: list[str], tmp_path: Path) -> tuple[list[str], dict]:
+    """Folds 0 and 1-2 run as two processes would (`cv.folds`), then merged (`cv.merge`) under tmp_path/m."""
+    parts = []
+    for name, folds in (("a", "[0]"), ("b", "[1,2]")):
+        cross_validate(compose("cross_validate", *recipe, f"cv.folds={folds}", root=tmp_path / name))
+        parts.append(str(tmp_path / name / "run"))
+    merged = cross_validate(compose("cross_validate", *recipe, f"cv.merge=[{','.join(parts)}]", root=tmp_path / "m"))
+    return parts, merged
+
+
 def test_xray_cross_validation_is_patient_grouped_and_merges(tmp_path: Path):
     """Folds partition the patients; each fold's inner validation holds none of its held-out patients;
     two runs over complementary folds merge into the report of the whole."""
@@ -177,12 +187,7 @@ def test_xray_cross_validation_is_patient_grouped_and_merges(tmp_path: Path):
     assert pc["n_patients"] == 15 and 0.0 <= pc["p_two_sided"] <= 1.0
     assert "| label | positives |" in (run / "cv_report.md").read_text()
 
-    parts = []
-    for name, folds in (("a", "[0]"), ("b", "[1,2]")):
-        cross_validate(compose("cross_validate", *TINY_XRAY_CV, f"cv.folds={folds}", root=tmp_path / name))
-        parts.append(str(tmp_path / name / "run"))
-    merged = cross_validate(compose("cross_validate", *TINY_XRAY_CV, f"cv.merge=[{','.join(parts)}]",
-                                    root=tmp_path / "m"))  # fmt: skip
+    parts, merged = _folds_run_apart_then_merged(TINY_XRAY_CV, tmp_path)
     assert merged["pooled_auc_pixel_lr"] == pytest.approx(report["pooled_auc_pixel_lr"])
     assert merged["pooled_auc_model"] == pytest.approx(report["pooled_auc_model"])
     with pytest.raises(Exception, match="share folds"):
@@ -295,12 +300,7 @@ def test_mri_leave_one_patient_out_against_flair(tmp_path: Path):
     assert "WT FLAIR" in (tmp_path / "run" / "cv_report.md").read_text()
     with pytest.raises(ConfigError, match="cv.mri"):
         cross_validate(compose("cross_validate", *TINY_MRI_CV, "+cv.mri.stepz=3", root=tmp_path / "bad"))
-    parts = []  # the folds run as two processes would, then merged: the report of the whole
-    for name, folds in (("a", "[0]"), ("b", "[1,2]")):
-        cross_validate(compose("cross_validate", *TINY_MRI_CV, f"cv.folds={folds}", root=tmp_path / name))
-        parts.append(str(tmp_path / name / "run"))
-    merged = cross_validate(compose("cross_validate", *TINY_MRI_CV, f"cv.merge=[{','.join(parts)}]",
-                                    root=tmp_path / "m"))  # fmt: skip
+    parts, merged = _folds_run_apart_then_merged(TINY_MRI_CV, tmp_path)
     assert merged["mean_dice_model"] == pytest.approx(report["mean_dice_model"])
     assert merged["merged_from"] == parts and "CPU time" in (tmp_path / "m" / "run" / "cv_report.md").read_text()
     with pytest.raises(DataError, match="hold out the same case twice"):
