@@ -35,7 +35,7 @@ from medens.evaluation.classification import operating_points, threshold_for_sen
 from medens.evaluation.predict import predict_all
 from medens.evaluation.report_html import fmt_num
 from medens.evaluation.statistics import paired_auc_comparison
-from medens.metrics.classification import binary_auroc as _auc
+from medens.metrics.classification import binary_auroc
 from medens.training.train import train
 from medens.training.validation import TRAIN_KEYS, validate_config
 from medens.utils.atomic import write_csv
@@ -216,13 +216,13 @@ def cross_validate(cfg: DictConfig) -> dict[str, Any]:
             "n_patients": int(frame["patient_id"].nunique()),
             "n_train": len(dm.datasets["train"]),
             "n_inner_val": len(dm.datasets["val"]),
-            "auc_model": _auc(y, p),
-            f"auc_{baseline}": _auc(y, b),
-            "inner_val_auc": _auc(val["label"].to_numpy(), val["prob"].to_numpy()),
+            "auc_model": binary_auroc(y, p),
+            f"auc_{baseline}": binary_auroc(y, b),
+            "inner_val_auc": binary_auroc(val["label"].to_numpy(), val["prob"].to_numpy()),
             "models": [
                 {
                     "seed": r["seed"],
-                    "auc": _auc(y, r["test"].set_index("case_id").loc[frame["case_id"], "prob"].to_numpy()),
+                    "auc": binary_auroc(y, r["test"].set_index("case_id").loc[frame["case_id"], "prob"].to_numpy()),
                     "best_inner_val_auc": r["best_inner_val_auc"],
                     "epochs": r["epochs"],
                     "checkpoint": r["checkpoint"],
@@ -289,8 +289,8 @@ def summarise(
         "per_fold": folds,
         "mean_auc_model": stats("auc_model"),
         f"mean_auc_{baseline}": stats(f"auc_{baseline}"),
-        "pooled_auc_model": _auc(y, allp["prob"].to_numpy()),
-        f"pooled_auc_{baseline}": _auc(y, allp[baseline].to_numpy()),
+        "pooled_auc_model": binary_auroc(y, allp["prob"].to_numpy()),
+        f"pooled_auc_{baseline}": binary_auroc(y, allp[baseline].to_numpy()),
     }
     wins = [
         f["auc_model"] > f[f"auc_{baseline}"]
