@@ -38,8 +38,10 @@ import numpy as np
 from PIL import Image
 
 from medens.errors import ConfigError, DataError
+from medens.utils.atomic import replace_folder_atomically
 from medens.utils.hashing import sha256_file, sha256_json, sha256_text
 from medens.utils.jsonio import read_json_or_none
+from medens.utils.locking import owned_lock
 
 log = logging.getLogger(__name__)
 
@@ -263,9 +265,6 @@ def ensure_xray_cache(
     Raises `DataError` naming the images that failed to decode when `missing_images` is 'error', and
     naming the folder and the knobs when the cache folder is not writable and `on_unwritable` is 'error'.
     """
-    from medens.utils.atomic import replace_folder_atomically
-    from medens.utils.locking import owned_lock
-
     if not settings.enabled:
         return None
     image_root = Path(image_root)
@@ -281,7 +280,7 @@ def ensure_xray_cache(
             with owned_lock(root / f".xray-{key[:16]}.lock", "X-ray image cache build"):
                 cache = _read_complete(folder, payload)  # built by another process while we waited
                 if cache is None:
-                    cache = _build_locked(folder, image_root, names, payload, settings, replace_folder_atomically)
+                    cache = _build_locked(folder, image_root, names, payload, key, settings)
         except OSError as exc:
             msg = (
                 f"{root}: cannot write the X-ray image cache there ({exc.__class__.__name__}: {exc}). "
@@ -302,7 +301,10 @@ def ensure_xray_cache(
     return cache
 
 
-def _build_locked(folder, image_root, names, payload, settings, replace_folder_atomically) -> XRayCache:  # noqa: ANN001
+def _build_locked(
+    folder: Path, image_root: Path, names: Sequence[str], payload: Mapping[str, Any], key: str,
+    settings: CacheSettings,
+) -> XRayCache:  # fmt: skip
     size, workers = int(payload["size"]), settings.resolved_workers()
     log.info("building the X-ray image cache %s: %d images -> %dx%d uint8, up to %d workers",
              folder, len(names), size, size, workers)  # fmt: skip
@@ -313,7 +315,7 @@ def _build_locked(folder, image_root, names, payload, settings, replace_folder_a
         failed = _build(tmp, image_root, names, size, workers, settings.progress)
         manifest = {
             "payload": dict(payload),
-            "key": sha256_json(payload),
+            "key": key,
             "names": list(names),
             "failed": failed,
             "shape": [len(names), size, size],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -877,6 +878,28 @@ def test_concurrent_prepare_data_builds_the_cache_once(tmp_path, monkeypatch):
         dm.setup()
         assert len(dm.datasets["train"]) == 1
     assert len(list((tmp_path / "cache").glob("ct-*"))) == 1
+
+
+def test_incomplete_cache_folder_is_rebuilt_not_kept(tmp_path):
+    """A cache folder without its manifest (a copy cut short, a half-deleted folder) is replaced by a
+    fresh build, never kept in place of it."""
+    tiny_luna(tmp_path)
+    row = {"seriesuid": "uidA", "coordX": 0.0, "coordY": 0.0, "coordZ": 0.0, "diameter_mm": 5.0, "malignancy": 5}
+    write_annotations(tmp_path, [row])
+    dm = CTDataModule(**dm_kwargs(tmp_path, tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup()
+    good = dm.datasets["train"][0]["image"].clone()
+    path = dm.cache_path
+    shutil.rmtree(path)
+    path.mkdir()
+    (path / "patches.npy").write_bytes(b"not a cache")  # no manifest.json beside it
+    again = CTDataModule(**dm_kwargs(tmp_path, tmp_path / "cache"))
+    again.prepare_data()
+    again.setup()
+    assert again.cache_path == path and (path / "manifest.json").is_file()
+    assert torch.equal(again.datasets["train"][0]["image"], good)
+    assert not [p.name for p in path.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]  # no leftovers
 
 
 def test_luna16_nifti_scan_and_sphere_mask_channel(tmp_path):

@@ -6,7 +6,7 @@ row), every skipped nodule with its reason, and the config that produced it. The
 patch config (size, spacing, window, padding, channels, error mode) and a fingerprint of the inputs
 (CSV contents, scan file sizes and mtimes), so a changed spacing/window or a regenerated scan
 makes a new cache instead of reusing a stale one. A cache is built in a temporary folder and
-renamed into place under a file lock, so two processes never race or see half a cache.
+renamed into place (`replace_folder_atomically`) under a file lock, so two processes never race or see half a cache.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +36,7 @@ from medens.data.ct.geometry import (
 from medens.data.ct.labels import NoduleRecord
 from medens.data.ct.sources import ErrorPolicy
 from medens.errors import DataError
+from medens.utils.atomic import replace_folder_atomically
 from medens.utils.jsonio import read_json_object
 
 log = logging.getLogger(__name__)
@@ -184,10 +183,10 @@ def build_cache(
     """Extract every record's patch (each scan read once, by the reader's ``read_case``) and write the
     cache atomically at ``path``."""
     path = Path(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     t0 = time.perf_counter()
-    try:
+    result: dict[str, Any] = {}
+
+    def build(tmp: Path) -> None:
         shape = (max(len(records), 1), len(cfg.channels), *(cfg.patch_size,) * 3)
         arr = np.lib.format.open_memmap(tmp / PATCHES, mode="w+", dtype=np.float16, shape=shape)
         groups: dict[str, list[NoduleRecord]] = {}
@@ -206,7 +205,7 @@ def build_cache(
                 kept.append({**rec.to_json(), "row": len(kept)})
         arr.flush()
         del arr
-        manifest = {
+        result["manifest"] = {
             "version": CACHE_VERSION,
             "info": dict(info),
             "patch_config": asdict(cfg),
@@ -214,19 +213,14 @@ def build_cache(
             "skipped": list(policy.skipped),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        with open(tmp / MANIFEST, "w") as fh:
-            json.dump(manifest, fh, default=str)
-        if path.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / MANIFEST).write_text(json.dumps(result["manifest"], default=str))
+
+    replace_folder_atomically(path, build)
+    manifest = result["manifest"]
     log.info(
         "CT patch cache %s: %d patches, %d skipped, %.1f s",
         path,
-        len(kept),
+        len(manifest["items"]),
         len(policy.skipped),
         time.perf_counter() - t0,
     )
