@@ -71,8 +71,9 @@ TINY_MRI = [
 ONE_EPOCH = ["trainer.max_epochs=1", "test=false", "logger=none", "trainer.enable_progress_bar=false"]
 
 
-def compose(name: str = "train", *overrides: str, root: Path | None = None) -> Any:
-    """The real `conf/<name>.yaml` composed with `overrides`; with `root`, every path is redirected into it."""
+def compose(name: str = "train", *overrides: str, root: Path | None = None, hydra_node: bool = False) -> Any:
+    """The real `conf/<name>.yaml` composed with `overrides`; with `root`, every path is redirected into it;
+    `hydra_node`: with the `hydra` node (run folder, launcher) as Hydra itself would resolve it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -80,7 +81,7 @@ def compose(name: str = "train", *overrides: str, root: Path | None = None) -> A
 
     paths = [f"paths.root_dir={root}", f"paths.output_dir={root}/run"] if root is not None else []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose(config_name=name, overrides=[*paths, *overrides])
+        return hydra_compose(config_name=name, overrides=[*paths, *overrides], return_hydra_config=hydra_node)
 
 
 def train_in_process(root: Path, *overrides: str) -> tuple[dict, dict]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from medens.utils.paths import cache_root
-from tests.helpers import ROOT
+from tests.helpers import compose
 
 
 def test_cache_root_precedence(monkeypatch, tmp_path):
@@ -27,8 +26,7 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
 @pytest.mark.parametrize("experiment", ["xray", "ct", "mri", "ensemble"])
 def test_every_cache_follows_medens_cache(monkeypatch, tmp_path, experiment):
     monkeypatch.setenv("MEDENS_CACHE", str(tmp_path / "c"))
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", f"paths.root_dir={tmp_path}"])
+    cfg = compose("train", f"experiment={experiment}", f"paths.root_dir={tmp_path}")
     data = cfg.data
     where = data.cache.dir if experiment == "xray" else data.cache_dir
     assert Path(str(where)).parent == tmp_path / "c", where

@@ -16,7 +16,6 @@ from typing import Any
 import hydra.utils
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from medens.checkpoint.io import CHECKPOINT_FORMAT, MedensCheckpointIO, atomic_torch_save, load_checkpoint
@@ -27,23 +26,13 @@ from medens.checkpoint.safe_build import (
     validate_safe_config,
 )
 from medens.errors import CheckpointError, UnsafeCheckpointError
-from tests.helpers import CONF, TINY_XRAY, run_cli
+from tests.helpers import TINY_XRAY, compose, run_cli
 
 PATHS_TRIED: list[str] = []  # (payload x path) pairs, counted for the report
 
 
-def _compose(root: Path, name: str = "train", *overrides: str):
-    import medens  # noqa: F401  (resolvers)
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(
-            config_name=name,
-            overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/run", *overrides],
-        )
-
-
 def _hyper(root: Path, *overrides: str) -> dict[str, Any]:
-    cfg = _compose(root, "train", *overrides)
+    cfg = compose("train", *overrides, root=root)
     return OmegaConf.to_container(cfg, resolve=True)  # what training stores as `hyperparameters`
 
 
@@ -199,8 +188,8 @@ def test_every_hostile_checkpoint_is_refused_on_every_path(hostile, tmp_path: Pa
     from medens.utils.hashing import sha256_file
 
     marker = hostile["marker"]
-    eval_cfg = _compose(hostile["root"], "evaluate", "ckpt_path=x")
-    train_cfg = _compose(hostile["root"], "train", *TINY_XRAY, "logger=none")
+    eval_cfg = compose("evaluate", "ckpt_path=x", root=hostile["root"])
+    train_cfg = compose("train", *TINY_XRAY, "logger=none", root=hostile["root"])
     for name, path in hostile["files"].items():
         # evaluate (in process; the CLI is tested below)
         cfg = copy.deepcopy(eval_cfg)

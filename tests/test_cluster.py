@@ -15,7 +15,7 @@ import torchvision
 
 from medens.checkpoint import load_checkpoint
 from medens.errors import ConfigError
-from tests.helpers import PYTHON, ROOT, TINY_XRAY, cli_ok, run_cli
+from tests.helpers import PYTHON, ROOT, TINY_XRAY, cli_ok, compose, run_cli
 from tests.servers import free_port
 
 BASE = ["experiment=xray", *TINY_XRAY, "test=false", "logger=csv"]
@@ -255,7 +255,6 @@ def test_gpu_check_code_path_on_cpu_tiny(tmp_path):
 def test_submitit_slurm_launcher_config_makes_a_multi_node_sbatch(tmp_path, monkeypatch):
     """The `submitit_slurm` config through the launcher's own parameter mapping into submitit's sbatch text
     (nothing is submitted: a stand-in `srun` only satisfies submitit's cluster check)."""
-    from hydra import compose, initialize_config_dir
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
     from submitit import AutoExecutor
@@ -265,10 +264,9 @@ def test_submitit_slurm_launcher_config_makes_a_multi_node_sbatch(tmp_path, monk
     (fake / "srun").write_text("#!/bin/sh\nexit 0\n")
     (fake / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True, overrides=[
-            "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "trainer=slurm",
-            f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep", "hydra.job.name=train"])  # fmt: skip
+    cfg = compose("train", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "trainer=slurm",
+                  f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep", "hydra.job.name=train",
+                  hydra_node=True)  # fmt: skip
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     assert params.pop("_target_").endswith("SlurmLauncher")
     executor = AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
@@ -305,14 +303,10 @@ def test_sbatch_example_matches_the_slurm_trainer(compose_train, clean_env):
 
 def test_hydra_run_folder_is_shared_by_ranks_and_written_by_rank_zero(tmp_path, clean_env):
     """conf/hydra/default.yaml through Hydra's own composition: the run folder each rank resolves."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     def hydra_node(*overrides: str):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="train", return_hydra_config=True,
-                          overrides=[f"paths.root_dir={tmp_path}", *overrides])  # fmt: skip
-        return cfg.hydra
+        return compose("train", f"paths.root_dir={tmp_path}", *overrides, hydra_node=True).hydra
 
     h = hydra_node("trainer=cpu")
     assert re.fullmatch(rf"{tmp_path}/outputs/xray/runs/\d{{4}}-\d\d-\d\d_\d\d-\d\d-\d\d", h.run.dir)

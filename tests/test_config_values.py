@@ -7,11 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from medens.errors import ConfigError
 from medens.training.validation import validate_config
-from tests.helpers import CONF, TINY_XRAY, run_cli
+from tests.helpers import CONF, TINY_XRAY, compose, run_cli
 
 #: (override(s), fragment the error must contain)
 BAD = [
@@ -51,12 +50,7 @@ BAD = [
 
 
 def _compose(root: Path, *overrides: str):
-    import medens  # noqa: F401  (resolvers)
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(
-            "train", overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/run", "logger=none", *overrides]
-        )
+    return compose("train", "logger=none", *overrides, root=root)
 
 
 def _nothing_written(root: Path) -> None:
@@ -94,11 +88,14 @@ def test_valid_configs_pass(overrides: list[str], tmp_path: Path):
 
 
 def test_evaluate_export_and_main_check_values_first(tmp_path: Path):
+    from hydra import compose, initialize_config_dir
+
     import medens  # noqa: F401
     from medens.evaluation.evaluate import evaluate
     from medens.export import export_checkpoints
     from medens.pipeline import run_pipeline
 
+    # inside Hydra's initialisation: run_pipeline composes each stage's config itself, as under @hydra.main
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         ev = compose("evaluate", overrides=[f"paths.root_dir={tmp_path}", "ckpt_path=missing.pth", "data=xray",
                                             "data.batch_size=-4", f"paths.output_dir={tmp_path}/ev"])  # fmt: skip

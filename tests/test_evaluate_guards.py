@@ -10,24 +10,16 @@ from typing import Any
 import hydra.utils
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from medens.checkpoint.io import CHECKPOINT_FORMAT, atomic_torch_save
 from medens.errors import ConfigError, RegistryError
-from tests.helpers import CONF, TINY_XRAY, run_cli
-
-
-def _compose(root: Path, name: str, *overrides: str):
-    import medens  # noqa: F401  (resolvers)
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(name, overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/run", *overrides])
+from tests.helpers import TINY_XRAY, compose, run_cli
 
 
 def _checkpoint(root: Path, path: Path, *overrides: str, weights: bool = True) -> Path:
     """A medens checkpoint with the real resolved config of `overrides` and freshly built weights."""
-    hyper: dict[str, Any] = OmegaConf.to_container(_compose(root, "train", *overrides), resolve=True)
+    hyper: dict[str, Any] = OmegaConf.to_container(compose("train", *overrides, root=root), resolve=True)
     torch.manual_seed(0)
     state = hydra.utils.instantiate(OmegaConf.create(hyper["model"]["net"])).state_dict() if weights else {}
     atomic_torch_save(
@@ -51,7 +43,7 @@ def test_versioned_file_is_sha256_checked_before_evaluation(tmp_path: Path):
     ckpt = torch.load(promoted.path, weights_only=True)
     ckpt["model_state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["model_state_dict"].items()}
     torch.save(ckpt, promoted.path)
-    cfg = _compose(tmp_path, "evaluate", f"ckpt_path={promoted.path}")
+    cfg = compose("evaluate", f"ckpt_path={promoted.path}", root=tmp_path)
     with pytest.raises(RegistryError, match=rf"{promoted.path.name}: SHA-256 mismatch"):
         evaluate(cfg)
     assert not (tmp_path / "data").exists() and not (tmp_path / "run" / "metrics.json").exists()
@@ -83,7 +75,7 @@ def test_data_group_of_another_modality_is_refused(train_overrides, data_group, 
     from medens.evaluation.evaluate import evaluate
 
     path = _checkpoint(tmp_path, tmp_path / "m.pth", *train_overrides, weights=False)
-    cfg = _compose(tmp_path, "evaluate", f"ckpt_path={path}", f"data={data_group}")
+    cfg = compose("evaluate", f"ckpt_path={path}", f"data={data_group}", root=tmp_path)
     with pytest.raises(ConfigError) as info:
         evaluate(cfg)
     msg = str(info.value)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from monai.inferers import SlidingWindowInferer
 from monai.losses import DiceCELoss
@@ -19,7 +18,7 @@ from medens.checkpoint import load_checkpoint, load_network_weights
 from medens.errors import CheckpointError, ConfigError
 from medens.models.mri import UNetSegmenter
 from medens.training.train import train
-from tests.helpers import CONF, TINY_MRI, plain
+from tests.helpers import TINY_MRI, compose, plain
 
 DESIGN_KEYS = {
     "epoch", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "train_loss", "val_loss",
@@ -29,12 +28,7 @@ DICE_LOGGED = {f"val/dice_{k}" for k in ("necrotic_core", "edema", "enhancing", 
 
 
 def _compose(root: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(
-            "train",
-            overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/run", f"data.cache_dir={root}/cache",
-                       "logger=none", *TINY_MRI, *overrides],
-        )  # fmt: skip
+    return compose("train", f"data.cache_dir={root}/cache", "logger=none", *TINY_MRI, *overrides, root=root)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +45,7 @@ def _net_args(ckpt: dict) -> dict:
 
 
 def test_default_experiment_is_the_seed_size_unet(tmp_path):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.root_dir={tmp_path}", "experiment=mri"])
+    cfg = compose("train", f"paths.root_dir={tmp_path}", "experiment=mri")
     net = instantiate(cfg.model.net)
     assert isinstance(net, UNet)
     n_params = sum(p.numel() for p in net.parameters())

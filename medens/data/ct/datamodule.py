@@ -40,10 +40,6 @@ CHANNELS = ("image", "mask")
 SPLITS = ("train", "val", "test")
 
 
-def _default_cache_dir() -> Path:
-    return cache_root() / "ct"
-
-
 def _distributed() -> bool:
     return (
         torch.distributed.is_available()
@@ -151,7 +147,7 @@ class CTDataModule(L.LightningDataModule):
         self.n_folds = None if n_folds is None else int(n_folds)
         self.fold = int(fold)
         self.inner_val_fraction = float(inner_val_fraction)
-        self.cache_dir = Path(cache_dir) if cache_dir else _default_cache_dir()
+        self.cache_dir = Path(cache_dir) if cache_dir else cache_root() / "ct"
         self.augment_cfg = normalise_augment(plain_config(augment))
         self.on_error = on_error
         self.save_hyperparameters(logger=False)
