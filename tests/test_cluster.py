@@ -196,6 +196,24 @@ def test_rank_zero_resolvers(clean_env):
     assert run_dir("/o/runs", "t") == "/o/runs/torchrun-job42"
 
 
+def test_global_rank_follows_each_launcher(clean_env):
+    """One rank function for the Hydra resolvers and run ownership: torchrun's RANK, the LOCAL_RANK that
+    Lightning's and medens' own single-node launchers give ranks 1..N-1 (before an inherited SLURM_PROCID:
+    ranks launched by one srun task all carry that task's 0), srun's SLURM_PROCID, submitit's local id."""
+    from medens.training.cluster import global_rank
+    from medens.training.run_ownership import global_rank as ownership_rank
+
+    assert global_rank() == 0 and ownership_rank is global_rank
+    clean_env.setenv("SUBMITIT_LOCAL_GLOBALID", "3")
+    assert global_rank() == 3
+    clean_env.setenv("SLURM_PROCID", "0")
+    assert global_rank() == 0, "srun's rank comes before submitit's local id"
+    clean_env.setenv("LOCAL_RANK", "2")
+    assert global_rank() == 2, "a rank that the srun task launched itself, not the task's own rank"
+    clean_env.setenv("RANK", "6")
+    assert global_rank() == 6
+
+
 def _fake_checkpoint(path: Path, modality: str = "xray", name: str = "resnet18", world: int | None = 1) -> Path:
     ckpt = {"format": "medens-checkpoint/1", "epoch": 2, "model_state_dict": {"fc.weight": torch.zeros(1)},
             "hyperparameters": {"modality": modality, "model": {"name": name}, "trainer": {"devices": 1}},

@@ -73,8 +73,10 @@ def slurm_env() -> dict[str, int | str | None] | None:
 
 
 def global_rank() -> int:
-    """This process' global rank as its launcher set it (torchrun, srun, submitit), 0 otherwise."""
-    for var in ("RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
+    """This process' global rank as its launcher set it (torchrun, Lightning's or medens' own single-node
+    launcher, srun, submitit), 0 otherwise. ``LOCAL_RANK`` comes before ``SLURM_PROCID`` (Lightning's rule):
+    ranks that one srun task launches itself all inherit that task's SLURM_PROCID."""
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "SUBMITIT_LOCAL_GLOBALID"):
         value = _int_env(var)
         if value is not None:
             return value

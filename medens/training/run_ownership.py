@@ -34,6 +34,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 from medens.errors import CheckpointError, ConfigError
+from medens.training.cluster import global_rank
 from medens.utils.atomic import atomic_copy
 from medens.utils.locking import owned_lock
 
@@ -48,13 +49,6 @@ LAST_SUFFIX = "_last"
 TEMP_RE = re.compile(r"^\.(?P<target>.+)\.[^.]+\.tmp$")
 _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _CHECKPOINT_EXT = ".pth"
-
-
-def global_rank() -> int:
-    """This process's global rank as the launcher's environment gives it (0 outside distributed runs)."""
-    from lightning.fabric.utilities.rank_zero import _get_rank
-
-    return int(_get_rank() or 0)
 
 
 def new_run_id() -> str:
