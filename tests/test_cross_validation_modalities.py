@@ -16,13 +16,13 @@ from medens.errors import ConfigError, DataError
 from medens.evaluation.baselines import (
     PixelLogisticRegression,
     choose_flair_threshold,
-    dice,
     downsample_pixels,
     fit_pixel_baseline,
     flair_threshold_segment,
 )
 from medens.evaluation.cross_validation import cross_validate
-from medens.models.mri_postprocess import choose_postprocess, postprocess, region_dice
+from medens.metrics.segmentation import counted_dice, region_dice
+from medens.models.mri_postprocess import choose_postprocess, postprocess
 from tests.helpers import compose
 
 
@@ -66,7 +66,7 @@ def test_flair_threshold_is_chosen_on_the_training_cases_only():
     assert thr in (1.0, 1.6) and table["3.00"] < table[f"{thr:.2f}"]
     flair, brain, tumour = _brain_case(3)
     seg = flair_threshold_segment(flair, brain, thr)
-    assert dice(seg, tumour) > 0.95 and not seg[~brain].any()
+    assert counted_dice(seg, tumour) > 0.95 and not seg[~brain].any()
     # a held-out case with another contrast does not move the threshold: only the training cases do
     thr2, _ = choose_flair_threshold(*zip(*train, strict=True), grid=(0.2, 1.0, 1.6, 3.0))
     assert thr2 == thr

@@ -11,9 +11,11 @@ from scipy import ndimage
 
 from medens.metrics import (
     BraTSSegmentationMetrics,
+    counted_dice,
     dice,
     hd95,
     mean_metrics,
+    region_dice,
     segmentation_dice,
     segmentation_hd95,
     segmentation_metrics,
@@ -59,6 +61,22 @@ def test_empty_structures_convention() -> None:
     m = segmentation_hd95(pred, gt, empty_penalty=373.13)
     assert m["hd95_et"] == 373.13 and m["hd95_et_undefined"] == 1.0
     assert dice(np.zeros(3), np.zeros(3)) == 1.0 and dice(np.ones(3), np.zeros(3)) == 0.0
+
+
+def test_counted_dice_equals_monai_dice_metric() -> None:
+    """The counting Dice of the search loops gives DiceMetric's values, empty-mask cases included."""
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        gt = rng.integers(0, 4, (9, 11, 7))
+        pred = np.where(rng.random(gt.shape) < 0.3, rng.integers(0, 4, gt.shape), gt)
+        monai = segmentation_dice(pred, gt)
+        counted = region_dice(pred, gt)
+        assert counted == pytest.approx({r: monai[f"dice_{r}"] for r in ("wt", "tc", "et")}, abs=1e-6)
+    no_et = np.where(GT == 3, 1, GT)
+    assert region_dice(no_et, no_et)["et"] == 1.0 and region_dice(PRED, no_et)["et"] == 0.0
+    assert region_dice(PRED, GT) == pytest.approx({"wt": 12 / 14, "tc": 6 / 8, "et": 4 / 5})  # by hand above
+    for p, t in ((np.zeros(3), np.zeros(3)), (np.ones(3), np.zeros(3)), (np.array([1, 1, 0]), np.array([0, 1, 1]))):
+        assert counted_dice(p, t) == pytest.approx(dice(p, t))
 
 
 def test_hd95_by_hand_in_mm() -> None:

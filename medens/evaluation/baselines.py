@@ -19,6 +19,7 @@ from sklearn.linear_model import LogisticRegression
 
 from medens.errors import ConfigError, DataError
 from medens.metrics.classification import mean_defined, per_label_auroc
+from medens.metrics.segmentation import counted_dice
 
 
 def downsample_pixels(images: np.ndarray, size: int = 32) -> np.ndarray:
@@ -97,13 +98,6 @@ def fit_pixel_baseline(
     return final, scores
 
 
-def dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two binary masks; 1.0 when both are empty (BraTS convention)."""
-    p, t = np.asarray(pred, bool), np.asarray(truth, bool)
-    denom = int(p.sum()) + int(t.sum())
-    return 1.0 if denom == 0 else 2.0 * int(np.logical_and(p, t).sum()) / denom
-
-
 def flair_threshold_segment(flair: np.ndarray, brain: np.ndarray, threshold: float) -> np.ndarray:
     """Whole tumour = brain voxels whose z-scored FLAIR exceeds ``threshold``."""
     return (np.asarray(flair) > float(threshold)) & np.asarray(brain, bool)
@@ -122,7 +116,7 @@ def choose_flair_threshold(
             f"{len(flairs)}/{len(brains)}/{len(whole_tumours)}"
         )
     table = {
-        f"{t:.2f}": float(np.mean([dice(flair_threshold_segment(f, b, t), w)
+        f"{t:.2f}": float(np.mean([counted_dice(flair_threshold_segment(f, b, t), w)
                                    for f, b, w in zip(flairs, brains, whole_tumours, strict=True)]))
         for t in grid
     }  # fmt: skip

@@ -37,12 +37,12 @@ from medens.errors import ConfigError, DataError
 from medens.evaluation.baselines import choose_flair_threshold, flair_threshold_segment
 from medens.evaluation.cross_validation import merged_from, read_runs, recipe_options, time_line
 from medens.evaluation.statistics import paired_dice_comparison
+from medens.metrics.segmentation import region_dice
 from medens.models.mri_postprocess import (
     DEFAULT_CANDIDATES,
     brain_of,
     choose_postprocess,
     postprocess,
-    region_dice,
 )
 from medens.models.tta import flip_averaged_logits
 from medens.utils.jsonio import write_json_and_markdown

@@ -24,14 +24,13 @@ from torchmetrics import MeanMetric, Metric
 from medens.checkpoint.io import MEDENS_KEY
 from medens.data.mri.brats import LABEL_NAMES
 from medens.errors import ConfigError
-from medens.metrics.segmentation import BraTSSegmentationMetrics
+from medens.metrics.segmentation import BraTSSegmentationMetrics, region_dice
 from medens.models.base import MedensModule
 from medens.models.mri_postprocess import (
     best_candidate,
     brain_of,
     check_choice,
     postprocess,
-    region_dice,
 )
 from medens.models.tta import flip_averaged_logits
 

@@ -16,20 +16,9 @@ import numpy as np
 from scipy import ndimage
 
 from medens.errors import ConfigError
+from medens.metrics.segmentation import region_dice
 
-#: class indices of the BraTS regions in medens label maps (0 bg, 1 necrotic core, 2 oedema, 3 enhancing)
-REGIONS: dict[str, tuple[int, ...]] = {"wt": (1, 2, 3), "tc": (1, 3), "et": (3,)}
 KEYS = {"brain_only", "min_size", "largest_only"}
-
-
-def region_dice(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Dice of the wt/tc/et regions of two label maps (1.0 where both are empty)."""
-    out = {}
-    for name, classes in REGIONS.items():
-        p, t = np.isin(pred, classes), np.isin(truth, classes)
-        denom = int(p.sum()) + int(t.sum())
-        out[name] = 1.0 if denom == 0 else 2.0 * int((p & t).sum()) / denom
-    return out
 
 
 def check_postprocess(spec: Mapping[str, Any]) -> dict[str, Any]:
