@@ -28,21 +28,18 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
 from monai.networks.nets import resnet18
 from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 import medens  # noqa: F401  (registers resolvers)
-from medens.benchmarks.record import write_benchmark_result
+from medens.benchmarks.record import PROJECT_ROOT, RESULTS_DIR, compose_config, write_benchmark_result
 from medens.data.ct import io as ct_io
 from medens.data.ct.cache import extract_record_patches
 from medens.data.ct.datamodule import CTDataModule
 from medens.data.ct.sources import ErrorPolicy
 from medens.data.ct.synthetic import ensure_luna16_synthetic
 from medens.data.loaders import make_loader
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class ScanPatchDataset(Dataset):
@@ -103,7 +100,7 @@ def add_parsers(sub: Any) -> None:
         "--scan-shape", type=int, nargs=3, default=None, help="synthetic scan size, e.g. 256 256 160"
     )
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workdir", default=str(ROOT / "outputs" / "benchmarks" / "ct_cache_work"))
+    parser.add_argument("--workdir", default=str(RESULTS_DIR / "ct_cache_work"))
     parser.set_defaults(_run=run)
 
 
@@ -114,7 +111,7 @@ def run(args: argparse.Namespace) -> Path:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(tempfile.mkdtemp(prefix="cache-", dir=work))  # fresh: the build is timed every run
-    overrides = ["experiment=ct", f"paths.root_dir={ROOT}", f"data.cache_dir={cache_dir}", "paths.output_dir=.",
+    overrides = ["experiment=ct", f"paths.root_dir={PROJECT_ROOT}", f"data.cache_dir={cache_dir}", "paths.output_dir=.",
                  f"data.batch_size={args.batch_size}", "data.val_fraction=0.0", "data.test_fraction=0.0"]  # fmt: skip
     if args.patients or args.scan_shape:  # a set of its own, beside the default one
         shape = args.scan_shape or [112, 112, 96]
@@ -122,8 +119,7 @@ def run(args: argparse.Namespace) -> Path:
                       f"data.root={work}/ct_synthetic_{'x'.join(map(str, shape))}_{args.patients or 'default'}"]  # fmt: skip
         if args.patients:
             overrides.append(f"data.source.generator.n_patients={args.patients}")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_config(*overrides)
     dm: CTDataModule = hydra.utils.instantiate(cfg.data)
     t0 = time.perf_counter()
     ensure_luna16_synthetic(dm.root, **dm.reader.generator)  # generated on first use only
@@ -170,7 +166,7 @@ def run(args: argparse.Namespace) -> Path:
         "speedup_uncached_over_cached": med["uncached"] / med["cached"],
     }
     shutil.rmtree(cache_dir, ignore_errors=True)
-    out = write_benchmark_result(ROOT / "outputs" / "benchmarks", f"ct_patch_cache_{datetime.now():%Y%m%d_%H%M%S}.json", result)
+    out = write_benchmark_result(RESULTS_DIR, f"ct_patch_cache_{datetime.now():%Y%m%d_%H%M%S}.json", result)
     print(
         json.dumps({k: result[k] for k in ("median_epoch_seconds", "speedup_uncached_over_cached")}, indent=2)
     )

@@ -41,11 +41,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import medens  # noqa: F401  (registers resolvers)
-from medens.benchmarks.record import write_benchmark_result
+from medens.benchmarks.record import PROJECT_ROOT, RESULTS_DIR, write_benchmark_result
 from medens.export import export_module, load_runner, load_source_network
 from medens.models.xray import build_resnet
 
-ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = {"torchscript": "torchscript_trace", "onnxruntime": "onnx", "torch.export": "torch_export"}
 SUFFIX = {"torchscript_trace": "pt", "onnx": "onnx", "torch_export": "pt2"}
 
@@ -73,7 +72,7 @@ def build(model: str, ckpt: str | None) -> tuple[nn.Module, tuple[int, ...], str
     if model == "xray":
         net, shape = build_resnet("resnet50", num_classes=14, in_channels=3), (3, 224, 224)
     else:
-        net_cfg = OmegaConf.load(ROOT / "conf/model/ct.yaml").net
+        net_cfg = OmegaConf.load(PROJECT_ROOT / "conf/model/ct.yaml").net
         net, shape = instantiate(net_cfg), (int(net_cfg.n_input_channels), 64, 64, 64)
     calibrate_batchnorm(net, shape)
     return net.eval(), shape, "random init, BatchNorm statistics from 2 random batches of 4"
@@ -129,7 +128,7 @@ def add_parsers(sub: Any) -> None:
     parser.add_argument("--xray-ckpt", default=None)
     parser.add_argument("--ct-ckpt", default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch (and onnxruntime) intra-op threads")
-    parser.add_argument("--out", default=str(ROOT / "outputs/benchmarks/export_latency.json"))
+    parser.add_argument("--out", default=str(RESULTS_DIR / "export_latency.json"))
     parser.set_defaults(_run=run)
 
 

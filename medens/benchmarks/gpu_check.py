@@ -37,18 +37,9 @@ def _log(msg: str) -> None:
 
 def _compose(experiment: str, overrides: list[str], root: str) -> Any:
     """medens' own config of an experiment (networks, loss, inferer, batch sizes come from it)."""
-    from pathlib import Path
+    from medens.benchmarks.record import compose_config
 
-    from hydra import compose, initialize_config_dir
-
-    import medens  # noqa: F401  (resolvers)
-
-    conf = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[f"experiment={experiment}", f"paths.root_dir={root}", f"paths.output_dir={root}", *overrides],
-        )
+    return compose_config(f"experiment={experiment}", f"paths.root_dir={root}", f"paths.output_dir={root}", *overrides)
 
 
 class _Peak:

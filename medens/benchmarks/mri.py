@@ -30,9 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medens.benchmarks.record import write_benchmark_result
+from medens.benchmarks.record import PROJECT_ROOT, RESULTS_DIR, compose_config, write_benchmark_result
 
-ROOT = Path(__file__).resolve().parents[2]
 VOLUME = (240, 240, 155)
 
 
@@ -43,12 +42,7 @@ def _rss_mb() -> float:
 
 def _default_cfg(*overrides: str) -> Any:
     """The default MRI experiment's config, as `python scripts/train.py experiment=mri` composes it."""
-    from hydra import compose, initialize_config_dir
-
-    import medens  # noqa: F401  (resolvers)
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"paths.root_dir={ROOT}", "experiment=mri", *overrides])
+    return compose_config(f"paths.root_dir={PROJECT_ROOT}", "experiment=mri", *overrides)
 
 
 def _n_windows(shape: tuple[int, ...], roi: list[int], overlap: float) -> int:
@@ -222,8 +216,8 @@ def _options(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("--samples", type=int, default=2)
         p.add_argument("--batch", type=int, default=1)
         p.add_argument("--repeats", type=int, default=1)
-        p.add_argument("--data-dir", default=str(ROOT / "outputs" / "benchmarks" / "data"))
-    p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"))
+        p.add_argument("--data-dir", default=str(RESULTS_DIR / "data"))
+    p.add_argument("--out", default=str(RESULTS_DIR))
 
 
 def run(name: str, args: argparse.Namespace) -> Path:

@@ -13,9 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from medens.benchmarks.record import write_benchmark_result
-
-ROOT = Path(__file__).resolve().parents[2]
+from medens.benchmarks.record import RESULTS_DIR, compose_config, write_benchmark_result
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -25,12 +23,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--root", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--override", action="append", default=[], help="extra Hydra overrides")
-    p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"))
+    p.add_argument("--out", default=str(RESULTS_DIR))
     p.set_defaults(_run=run)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
     import medens  # noqa: F401  (resolvers)
@@ -43,8 +40,7 @@ def run(args: argparse.Namespace) -> dict:
                  f"trainer.accelerator={args.accelerator}", *args.override]  # fmt: skip
     if args.limit_train_batches:
         overrides.append(f"trainer.limit_train_batches={args.limit_train_batches}")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_config(*overrides)
     with open_dict(cfg):
         cfg.callbacks.epoch_timer = {"_target_": "medens.training.preflight.EpochTimer"}
     _, objects = train(cfg)

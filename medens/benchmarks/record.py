@@ -1,4 +1,5 @@
-"""Where and how every benchmark records its result: one JSON file under `--out`, with the machine it ran on."""
+"""What every benchmark shares: the project folder, medens' own composed configs, and how a result is recorded
+(one JSON file under `--out`, with the machine it ran on)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from medens.utils.atomic import atomic_write_text
+
+#: The checkout's project folder (conf/, scripts/, outputs/).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+#: Where results go unless `--out` says otherwise.
+RESULTS_DIR = PROJECT_ROOT / "outputs" / "benchmarks"
+
+
+def compose_config(*overrides: str, name: str = "train") -> Any:
+    """medens' own ``conf/<name>.yaml`` with ``overrides``, as ``python scripts/<name>.py`` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    import medens  # noqa: F401  (resolvers)
+
+    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
 
 
 def write_benchmark_result(out_dir: str | os.PathLike, filename: str, result: dict[str, Any]) -> Path:

@@ -37,9 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from medens.benchmarks.record import PROJECT_ROOT, RESULTS_DIR, write_benchmark_result
 from medens.utils.atomic import replace_folder_atomically
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_parsers(sub: Any) -> None:
@@ -61,14 +60,14 @@ def add_parsers(sub: Any) -> None:
                        help="data.augment_on: device (loader carries uint8, augmentation batched after it), "
                             "loader, or auto (loader when training on the CPU with workers, else device)")
         p.add_argument("--data-root", default=None, help="default: outputs/benchmarks/data/nih<png-size>-<images>")
-        p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"))
+        p.add_argument("--out", default=str(RESULTS_DIR))
         p.set_defaults(_run=functools.partial(run, name))
 
 
 def _dataset_root(args: argparse.Namespace) -> Path:
     from medens.data.synthetic_xray import ensure_synthetic_nih
 
-    root = Path(args.data_root or ROOT / "outputs" / "benchmarks" / "data" / f"nih{args.png_size}-{args.images}")
+    root = Path(args.data_root or RESULTS_DIR / "data" / f"nih{args.png_size}-{args.images}")
     t0 = time.perf_counter()
     ensure_synthetic_nih(root, n_patients=args.images, images_per_patient=1, image_size=args.png_size, seed=0)
     print(f"data: {root} ({time.perf_counter() - t0:.0f}s to generate/check)", flush=True)
@@ -262,7 +261,7 @@ def _medens_epoch(root: Path, args: argparse.Namespace, run_root: Path) -> tuple
     augmentation ran) of scripts/train.py."""
     saved = run_root / "saved_models"
     cmd = [
-        sys.executable, str(ROOT / "scripts" / "train.py"), "experiment=xray", f"data.root={root}",
+        sys.executable, str(PROJECT_ROOT / "scripts" / "train.py"), "experiment=xray", f"data.root={root}",
         "data/source=xray_nih", "data.verify_images=false",
         f"data.cache.dir={root.parent / f'cache-{root.name}'}", "data.cache.progress=false",
         f"model.net.arch={args.arch}", f"data.image_size={args.image_size}", f"data.batch_size={args.batch}",
@@ -320,8 +319,6 @@ def xray_e2e(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(name: str, args: argparse.Namespace) -> Path:
     """Run `xray-data` or `xray-e2e` and write outputs/benchmarks/<name>.json."""
-    from medens.benchmarks.record import write_benchmark_result
-
     result = xray_data(args) if name == "xray-data" else xray_e2e(args)
     result["augment_on"] = args.augment_on
     path = write_benchmark_result(args.out, f"{name}.json", result)

@@ -26,12 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medens.benchmarks.record import write_benchmark_result
+from medens.benchmarks.record import RESULTS_DIR, write_benchmark_result
 from medens.data.synthetic_xray import render_chest, sample_findings
 from medens.data.xray import IMAGENET_MEAN, IMAGENET_STD, NIH_LABELS
 from medens.models.xray import XRayClassifier, build_resnet, masked_bce_with_logits
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def synthetic_batches(n_batches: int, batch: int, size: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -243,7 +241,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--design", choices=("paired", "runs"), default="paired",
                    help="paired: the loops alternate step by step in one fit; runs: whole runs in ABBA order")  # fmt: skip
-    p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"))
+    p.add_argument("--out", default=str(RESULTS_DIR))
     p.set_defaults(_run=run)
 
 

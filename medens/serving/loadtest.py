@@ -31,15 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from medens.benchmarks.record import write_benchmark_result
-
-ROOT = Path(__file__).resolve().parents[2]
+from medens.benchmarks.record import PROJECT_ROOT, RESULTS_DIR, write_benchmark_result
 
 
 def add_parsers(sub: Any) -> None:
     """Register `serve-load` on the benchmark entry point's subparsers."""
     p = sub.add_parser("serve-load", help="concurrent clients against scripts/serve.py model=xray")
-    p.add_argument("--root", default=os.environ.get("MEDENS_ROOT", str(ROOT)),
+    p.add_argument("--root", default=os.environ.get("MEDENS_ROOT", str(PROJECT_ROOT)),
                    help="project root whose saved_models/exports holds an X-ray export")  # fmt: skip
     p.add_argument("--image", default=None, help="PNG/JPEG to send (default: a synthetic radiograph)")
     p.add_argument("--clients", type=int, default=16)
@@ -49,7 +47,7 @@ def add_parsers(sub: Any) -> None:
                    help="max_batch_size of each run, in order (repeats are averaged: A B B A)")  # fmt: skip
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--threads", type=int, default=None, help="server intra-op threads (default: all cores)")
-    p.add_argument("--out", default=str(ROOT / "outputs" / "benchmarks"))
+    p.add_argument("--out", default=str(RESULTS_DIR))
     p.set_defaults(_run=run)
 
 
@@ -78,7 +76,7 @@ def _start(root: Path, batch: int, wait_ms: float, threads: int | None) -> tuple
     port = _free_port()
     log = root / "outputs" / "benchmarks" / f"serve-load_b{batch}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, str(ROOT / "scripts" / "serve.py"), "model=xray", f"port={port}", "host=127.0.0.1",
+    args = [sys.executable, str(PROJECT_ROOT / "scripts" / "serve.py"), "model=xray", f"port={port}", "host=127.0.0.1",
             f"max_batch_size={batch}", f"max_wait_ms={wait_ms}", f"hydra.run.dir={log.parent}/serve-load_b{batch}"]  # fmt: skip
     if threads:
         args.append(f"threads={threads}")
