@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 from medens.checkpoint import load_checkpoint
-from medens.errors import ConfigError
+from medens.errors import CheckpointError, ConfigError
 from tests.helpers import PYTHON, ROOT, TINY_XRAY, cli_ok, compose, run_cli
 from tests.servers import free_port
 
@@ -238,6 +238,16 @@ def test_ckpt_from_another_modality_or_world_size_is_refused(compose_train, clea
     check_resume(compose_train(*BASE, f"ckpt_path={legacy}"), 1)
     with pytest.raises(ConfigError, match="world size 1"):
         check_resume(compose_train(*BASE, f"ckpt_path={legacy}"), 4)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(two.read_bytes()[:300])  # a copy cut short
+    with pytest.raises(CheckpointError, match=r"cut\.pth: cannot read checkpoint"):
+        check_resume(compose_train(*BASE, f"ckpt_path={cut}"), 1)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match=r"foreign\.pth: not a medens checkpoint"):
+        check_resume(compose_train(*BASE, f"ckpt_path={foreign}"), 1)
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*missing\.pth: no such checkpoint file"):
+        check_resume(compose_train(*BASE, f"ckpt_path={tmp_path}/missing.pth"), 1)
 
 
 # ---------------------------------------------------------------------------------------------- GPU check

@@ -111,13 +111,16 @@ class MedensCheckpointIO(TorchCheckpointIO):
         return medens_to_lightning(ckpt, path)
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a medens checkpoint dict safely (`weights_only=True`, mapped to CPU by default)."""
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Load a medens checkpoint dict safely (`weights_only=True`, mapped to CPU by default); `mmap=True`
+    maps the tensors instead of reading them, for callers that only look at the other keys."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:

@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from medens.errors import CheckpointError, ConfigError
+from medens.errors import ConfigError
 
 TORCHRUN_VARS = ("RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE")
 SLURM_ENV_TARGET = "lightning.pytorch.plugins.environments.SLURMEnvironment"
@@ -249,17 +249,12 @@ def check_resume(cfg: DictConfig, world_size: int | None) -> None:
     path = cfg.get("ckpt_path")
     if not path or not cfg.get("train", True):
         return
-    import torch
+    from medens.checkpoint.io import load_checkpoint
 
     p = Path(str(path))
     if not p.is_file():
         raise ConfigError(f"ckpt_path={path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises several types for foreign or truncated files
-        raise CheckpointError(f"ckpt_path={path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(ckpt, dict) or "model_state_dict" not in ckpt:
-        raise ConfigError(f"ckpt_path={path}: not a medens checkpoint (no 'model_state_dict')")
+    ckpt = load_checkpoint(p, mmap=True)  # a foreign or truncated file: CheckpointError naming it
     hyper = ckpt.get("hyperparameters") or {}
     modality = hyper.get("modality")
     if modality is not None and cfg.get("modality") is not None and modality != cfg.modality:
