@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from medens.utils.atomic import atomic_write_text
+from medens.utils.jsonio import write_json_strict
 
 #: The checkout's project folder (conf/, scripts/, outputs/).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -45,5 +44,5 @@ def write_benchmark_result(out_dir: str | os.PathLike, filename: str, result: di
         result.setdefault(key, value)
     path = Path(out_dir) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(result, indent=2))
+    write_json_strict(path, result)
     return path

@@ -13,7 +13,6 @@ each rank draws.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-from medens.utils.atomic import atomic_write_text
+from medens.utils.jsonio import write_json_strict
 
 DDP_ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
@@ -130,6 +129,5 @@ class SampleIdLog(Callback):
         ]
         self.folder.mkdir(parents=True, exist_ok=True)
         out = self.folder / f"sample_ids_rank{trainer.global_rank}.json"
-        atomic_write_text(
-            out, json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size, "epochs": self.epochs})
-        )
+        doc = {"rank": trainer.global_rank, "world_size": trainer.world_size, "epochs": self.epochs}
+        write_json_strict(out, doc, indent=None)

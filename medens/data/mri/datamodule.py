@@ -17,7 +17,6 @@ the same for a resumed run, with any number of workers, whatever the global RNG 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -504,7 +503,7 @@ class BraTSDataModule(L.LightningDataModule):
         return self.cache_dir / f"{key}.error.json"
 
     def _write_error(self, key: str, message: str) -> None:
-        from medens.utils.atomic import atomic_write_text
+        from medens.utils.jsonio import write_json_strict
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self._error_file(key), json.dumps({"error": message}))
+        write_json_strict(self._error_file(key), {"error": message}, indent=None)
