@@ -88,7 +88,7 @@ def test_valid_configs_pass(overrides: list[str], tmp_path: Path):
 
 
 def test_evaluate_export_and_main_check_values_first(tmp_path: Path):
-    from hydra import compose, initialize_config_dir
+    import hydra
 
     import medens  # noqa: F401
     from medens.evaluation.evaluate import evaluate
@@ -96,17 +96,17 @@ def test_evaluate_export_and_main_check_values_first(tmp_path: Path):
     from medens.pipeline import run_pipeline
 
     # inside Hydra's initialisation: run_pipeline composes each stage's config itself, as under @hydra.main
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        ev = compose("evaluate", overrides=[f"paths.root_dir={tmp_path}", "ckpt_path=missing.pth", "data=xray",
-                                            "data.batch_size=-4", f"paths.output_dir={tmp_path}/ev"])  # fmt: skip
+    with hydra.initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        ev = hydra.compose("evaluate", overrides=[f"paths.root_dir={tmp_path}", "ckpt_path=missing.pth", "data=xray",
+                                                  "data.batch_size=-4", f"paths.output_dir={tmp_path}/ev"])  # fmt: skip
         with pytest.raises(ConfigError, match=r"data\.batch_size=-4: expected an integer >= 1"):
             evaluate(ev)
-        ex = compose("export", overrides=[f"paths.root_dir={tmp_path}", "verify.batch_sizes=[1,0]",
-                                          f"paths.output_dir={tmp_path}/ex"])  # fmt: skip
+        ex = hydra.compose("export", overrides=[f"paths.root_dir={tmp_path}", "verify.batch_sizes=[1,0]",
+                                                f"paths.output_dir={tmp_path}/ex"])  # fmt: skip
         with pytest.raises(ConfigError, match=r"verify\.batch_sizes=\[1, 0\]: expected a list of an integer >= 1"):
             export_checkpoints(ex)
-        main = compose("main", overrides=[f"paths.root_dir={tmp_path}", "common_overrides=['data.batch_size=-4']",
-                                          "pipeline=tiny", f"paths.output_dir={tmp_path}/main"])  # fmt: skip
+        main = hydra.compose("main", overrides=[f"paths.root_dir={tmp_path}", "common_overrides=['data.batch_size=-4']",
+                                                "pipeline=tiny", f"paths.output_dir={tmp_path}/main"])  # fmt: skip
         with pytest.raises(ConfigError, match=r"data\.batch_size=-4"):
             run_pipeline(main)  # refused before the cohort is generated
     _nothing_written(tmp_path)

@@ -411,7 +411,8 @@ def markdown_xray(report: Mapping[str, Any]) -> str:
         p = v["delong"].get("p_value")
         lines.append(f"| {name} | {v['n_positive']} | {v['auc_model']:.4f} | {v['auc_pixel_lr']:.4f} | "
                      f"{'n/a' if p is None else format(p, '.3g')} |")  # fmt: skip
-    lines += ["", *time_line(report)] if "cpu_seconds" in report else []
+    if closing := time_line(report):  # after a blank line, below the per-label table
+        lines += ["", *closing]
     return "\n".join(lines) + "\n"
 
 

@@ -453,7 +453,6 @@ READERS: dict[str, type[CTReader]] = {
 }
 
 
-
 def build_reader(source: CTReader | str | Mapping[str, Any]) -> CTReader:
     """A CT reader from a reader, a short name of :data:`READERS`, or a ``{_target_: ..., ...}`` config."""
     return build_reader_of(source, CTReader, READERS, "CT")
