@@ -86,6 +86,7 @@ def test_readme_reader_gives_the_luna16_readers_patches(hospital_reader: Path, t
         assert (split, patient, label) == want[centre][:3], centre  # same patient split, same label
         np.testing.assert_allclose(patch, want[centre][3], atol=1e-3, err_msg=str(centre))  # float16 cache
     assert ours.hparams["source"] == source  # what a checkpoint records
+    assert ours.cache_path is not None and ours.cache_path.name.startswith("ct-hospital-")  # `name`: the prefix
 
 
 @pytest.mark.slow
