@@ -46,14 +46,14 @@ def hospital_reader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return conf
 
 
-def _hospital_export(luna: Path, out: Path) -> Path:
+def _hospital_export(luna: Path, out: Path, prefix: str = "case") -> Path:
     """`scans/<case>.nii.gz` and `nodules.csv` (case, patient, x, y, z, malignant) from a LUNA16-format set;
     LIDC scores 3 (indeterminate) are left out, >= 4 is malignant."""
     (out / "scans").mkdir(parents=True)
     labels = pd.read_csv(luna / "labels.csv")
     rows = []
     for i, (uid, group) in enumerate(labels.groupby("seriesuid", sort=True)):
-        case = f"case{i:02d}"
+        case = f"{prefix}{i:02d}"
         sitk.WriteImage(sitk.ReadImage(str(next(luna.rglob(f"{uid}.mhd")))), str(out / "scans" / f"{case}.nii.gz"))
         rows += [{"case": case, "patient": r.patient_id, "x": r.coordX, "y": r.coordY, "z": r.coordZ,
                   "malignant": int(r.malignancy >= 4)} for r in group.itertuples() if r.malignancy != 3]  # fmt: skip
@@ -98,7 +98,7 @@ def test_readme_dataset_trains_and_evaluates_from_its_checkpoint(hospital_reader
     hospital = _hospital_export(generate_luna16_synthetic(tmp_path / "luna", n_patients=8, nodules_per_patient=4,
                                                           scan_shape=[64, 64, 48]), tmp_path / "hospital")  # fmt: skip
     other = _hospital_export(generate_luna16_synthetic(tmp_path / "luna2", n_patients=4, nodules_per_patient=4,
-                                                       scan_shape=[64, 64, 48], seed=7), tmp_path / "other")  # fmt: skip
+                                                       scan_shape=[64, 64, 48], seed=7), tmp_path / "other", "ext")  # fmt: skip
     searchpath = f"hydra.searchpath=[file://{hospital_reader}]"
     train_in_process(tmp_path, "experiment=ct", "data/source=ct_hospital", f"data.root={hospital}", searchpath,
                      *TINY, *ONE_EPOCH)  # fmt: skip
