@@ -108,8 +108,10 @@ def fit_weighted_average(
     if objective == "auc":
         # AUC is a step function: an uninformative source (calibrated to a near constant) can win a
         # grid point by chance. Weights within `auc_tolerance` of the best AUC count as tied and the
-        # tie goes to the best log-loss, so weight lands on sources that carry signal
-        tied = np.arange(len(grid)) if np.isnan(scores).any() else np.flatnonzero(scores >= scores.max() - auc_tolerance)
+        # tie goes to the best log-loss, so weight lands on sources that carry signal. `combine` is NaN
+        # for the same cases whatever the weights: the AUC is undefined at every grid point or at none
+        undefined = bool(np.isnan(scores).any())
+        tied = np.arange(len(grid)) if undefined else np.flatnonzero(scores >= scores.max() - auc_tolerance)
         ll = [_objective(combine(probs, grid[i]), y, "log_loss") for i in tied]
         best = grid[int(tied[int(np.argmax(ll))])]
     else:
