@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch
 
 from medens.benchmarks.record import PROJECT_ROOT, RESULTS_DIR, write_benchmark_result
 from medens.utils.atomic import replace_folder_atomically
+from medens.utils.jsonio import read_json_object
 
 
 def add_parsers(sub: Any) -> None:
@@ -276,7 +276,8 @@ def _medens_epoch(root: Path, args: argparse.Namespace, run_root: Path) -> tuple
     if proc.returncode != 0:
         raise RuntimeError(f"scripts/train.py failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
     wall = time.perf_counter() - t0
-    (epoch,) = json.loads((saved / "xray" / "training_history.json").read_text())["epochs"]
+    history = read_json_object(saved / "xray" / "training_history.json", "training history", RuntimeError)
+    (epoch,) = history["epochs"]
     from medens.checkpoint.io import load_checkpoint
 
     (ckpt,) = (saved / "xray").glob("*_best.pth")  # where the augmentation ran, as the run recorded it

@@ -107,14 +107,12 @@ def resolve_bundle(
 
 def _version_metadata(exports: Path) -> dict[str, Any]:
     """The versioned checkpoint's metadata beside a pulled exports folder (model name, performance)."""
-    import json
+    from medens.utils.jsonio import read_json_or_none
 
     stem = exports.name.removesuffix("_exports")
     for meta in sorted(exports.parent.glob(f"{stem}*.json")):
-        try:
-            return json.loads(meta.read_text())
-        except ValueError:
-            continue
+        if isinstance(doc := read_json_or_none(meta), dict):
+            return doc
     return {}
 
 

@@ -97,14 +97,9 @@ def remove_leftover_temp_files(folder: Path, recursive: bool = True, min_age_s: 
 
 def _checkpoint_score(path: Path) -> tuple[Any, Any]:
     """(monitor, best_metric) recorded in a medens checkpoint, read without loading the tensors."""
-    import torch
+    from medens.checkpoint.io import load_checkpoint
 
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path}: cannot read checkpoint to compare it ({type(exc).__name__}: {exc})"
-        ) from exc
+    ckpt = load_checkpoint(path, mmap=True)  # unreadable or not medens: CheckpointError naming the file
     return ckpt.get("monitor"), ckpt.get("best_metric")
 
 
