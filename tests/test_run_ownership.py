@@ -186,3 +186,21 @@ def test_explicit_run_id_that_holds_files_is_not_overwritten(rerun_root):
         and "already holds resnet18_best.pth" in proc.stderr
     )
     assert snapshot(folder) == before
+
+
+def test_publish_better_refuses_a_canonical_file_it_cannot_compare(tmp_path):
+    """A canonical best that is not a medens checkpoint is neither compared nor replaced: the error names it,
+    and both files keep their bytes."""
+    from medens.errors import CheckpointError
+    from medens.training.run_ownership import RunFiles
+
+    canonical, run = tmp_path / "xray", tmp_path / "xray" / "runs" / "r1"
+    run.mkdir(parents=True)
+    torch.save({"model_state_dict": {}, "monitor": "val/auc", "best_metric": 0.9}, run / "resnet18_best.pth")
+    foreign = canonical / "resnet18_best.pth"
+    torch.save({"state_dict": {}}, foreign)  # e.g. a plain Lightning checkpoint copied in by hand
+    before = snapshot(canonical)
+    files = RunFiles(canonical, run, "resnet18", "resnet18_best.pth", "new_run", run_id="r1")
+    with pytest.raises(CheckpointError, match=r"resnet18_best\.pth: not a medens checkpoint.*publish=always"):
+        files.publish_best(run / "resnet18_best.pth")
+    assert snapshot(canonical) == before and files.published is None

@@ -145,8 +145,12 @@ class RunFiles:
             log.info("publish=never: %s stays unpublished (canonical %s unchanged)", best, dst)
             return None
         if self.publish == "better" and dst.is_file():
-            new_monitor, new = _checkpoint_score(best)
-            old_monitor, old = _checkpoint_score(dst)
+            try:
+                new_monitor, new = _checkpoint_score(best)
+                old_monitor, old = _checkpoint_score(dst)
+            except CheckpointError as exc:  # nothing is replaced that could not be compared
+                raise CheckpointError(f"{exc}; publish=better cannot compare {best} with {dst}, so {best} stays "
+                                      f"unpublished (publish=always replaces {dst.name})") from exc  # fmt: skip
             reason = None
             if old_monitor is not None and new_monitor is not None and old_monitor != new_monitor:
                 reason = f"it monitors {new_monitor}, the canonical file {old_monitor}: not comparable"
