@@ -251,10 +251,12 @@ def validate_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dic
     return dict(hyper)
 
 
-def _check_modality(hyper: Mapping[str, Any], path: Any, modality: str | None) -> None:
+def _check_modality(hyper: Mapping[str, Any], path: Any, modality: str | None, role: str = "model") -> None:
     found = checkpoint_modality(hyper)
     if modality and found and found != modality:
-        raise CheckpointError(f"{path}: a {found!r} checkpoint was given as the {modality!r} model")
+        net = ((hyper.get("model") or {}).get("net") or {}).get("_target_")
+        raise CheckpointError(f"{path}: a {found!r} checkpoint was given as the {modality!r} {role} (network "
+                              f"{net}); give a {modality} checkpoint")  # fmt: skip
 
 
 def _no_external_weights(net_cfg: DictConfig) -> None:
@@ -333,15 +335,21 @@ def build_network_from_checkpoint(source: str | os.PathLike | Mapping[str, Any],
     return net.eval()
 
 
-def load_checkpoint_verified(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint; a versioned file (`<name>_v<semver>...`) only after its SHA-256 matched the one
-    its metadata recorded at promotion (`RegistryError` naming the file otherwise)."""
+def load_checkpoint_verified(path: str | os.PathLike, map_location: Any = "cpu", modality: str | None = None,
+                             role: str = "model") -> dict[str, Any]:  # fmt: skip
+    """The one load of a checkpoint that something is built from (resume, evaluation, the ensemble, the
+    exports): a versioned file (`<name>_v<semver>...`) only after its SHA-256 matched the one its metadata
+    recorded at promotion (`RegistryError` naming the file otherwise); its config validated (checkpoints are
+    data, never code); one trained for another `modality` than the `role` it is given for refused."""
     from medens.checkpoint.io import load_checkpoint
     from medens.registry.versioning import load_versioned, split_checkpoint_name
 
     if split_checkpoint_name(path)[2] is not None:
-        return load_versioned(path, map_location=map_location)
-    return load_checkpoint(path, map_location=map_location)
+        ckpt = load_versioned(path, map_location=map_location)  # validated there, with its metadata
+    else:
+        ckpt = load_checkpoint(path, map_location=map_location)
+    _check_modality(validate_checkpoint(ckpt, path), path, modality, role)
+    return ckpt
 
 
 #: datamodule class name -> modality of the networks it feeds (a class attribute `modality` wins).

@@ -24,7 +24,6 @@ from medens.checkpoint.safe_build import (
     checkpoint_modality,
     load_checkpoint_verified,
     rebuild_module,
-    validate_checkpoint,
 )
 from medens.errors import CheckpointError
 from medens.utils.hashing import sha256_file
@@ -174,13 +173,11 @@ def load_frozen_base_model(modality: str, ckpt_path: str | Path) -> FrozenBaseMo
         raise CheckpointError(
             f"{path}: {modality} base checkpoint not found (set ensemble.base_models.{modality}.ckpt_path)"
         )
-    ckpt = load_checkpoint_verified(path)
-    hyper = validate_checkpoint(ckpt, path)  # checkpoints are data, never code
-    if "model" not in hyper or "data" not in hyper:
-        raise CheckpointError(f"{path}: no model/data config in 'hyperparameters'; not a medens checkpoint")
-    found = checkpoint_modality(hyper)
-    if found != modality:
-        raise CheckpointError(f"{path}: a {found!r} checkpoint was given as the {modality!r} base model")
+    ckpt = load_checkpoint_verified(path, modality=modality, role="base model")  # data, never code
+    hyper = ckpt.get("hyperparameters") or {}
+    if "model" not in hyper or "data" not in hyper or checkpoint_modality(hyper) is None:
+        raise CheckpointError(f"{path}: no model/data config or modality in 'hyperparameters'; not a medens "
+                              "checkpoint")  # fmt: skip
     module = rebuild_module(ckpt, path, modality)
     module.eval()
     module.requires_grad_(False)

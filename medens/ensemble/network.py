@@ -23,8 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medens.checkpoint.io import load_checkpoint
-from medens.checkpoint.safe_build import validate_checkpoint
+from medens.checkpoint.safe_build import load_checkpoint_verified
 from medens.ensemble.base_models import FrozenBaseModel, load_frozen_base_model, segmentation_features
 from medens.errors import CheckpointError
 from medens.models.meta_learner import StackingMLP
@@ -111,8 +110,7 @@ def build_stacked_ensemble(
     """The ensemble of a `meta_learner.pth` (its base checkpoints from its own record) and a dict
     describing its inputs (shapes for one case, modality order, targets)."""
     path = Path(meta_ckpt_path)
-    ckpt = load_checkpoint(path)
-    validate_checkpoint(ckpt, path)  # its record names the base checkpoints: data, never code
+    ckpt = load_checkpoint_verified(path)  # its record names the base checkpoints: data, never code
     contract = (ckpt.get("hyperparameters") or {}).get("io_contract") or {}
     if contract.get("modality") != "ensemble" or "base_checkpoints" not in contract:
         raise CheckpointError(f"{path}: not a medens meta-learner checkpoint (no ensemble io_contract)")

@@ -27,8 +27,8 @@ from torch import nn
 
 from medens.checkpoint.safe_build import (
     build_network_from_checkpoint,
+    checkpoint_modality,
     load_checkpoint_verified,
-    validate_checkpoint,
     validate_safe_config,
 )
 from medens.errors import CheckpointError, ConfigError, ExportError
@@ -121,22 +121,12 @@ def load_source_network(
         raise CheckpointError(
             f"{path}: checkpoint file not found (set checkpoints.<model>=... to another file)"
         )
-    ckpt = load_checkpoint_verified(path)  # a versioned file: SHA-256 checked against its metadata
-    hyper = validate_checkpoint(ckpt, path)  # checkpoints are data, never code
-    net_cfg = (hyper.get("model") or {}).get("net")
-    if not isinstance(net_cfg, Mapping) or "_target_" not in net_cfg:
-        raise CheckpointError(
-            f"{path}: no network config (hyperparameters.model.net with _target_) in checkpoint"
-        )
-    contract = hyper.get("io_contract") or {}
-    modality = hyper.get("modality") or contract.get("modality")
-    if expected_modality and modality and modality != expected_modality:
-        raise CheckpointError(
-            f"{path}: wrong architecture for the {expected_modality} export: this is a {modality} checkpoint "
-            f"(network {net_cfg['_target_']}); give a {expected_modality} checkpoint"
-        )
+    ckpt = load_checkpoint_verified(path, modality=expected_modality, role="export")  # data, never code
     net = build_network_from_checkpoint(ckpt, path=path)  # allow-listed targets, weights loaded strictly
-    cfg = OmegaConf.create(dict(net_cfg))
+    hyper = ckpt["hyperparameters"]
+    contract = hyper.get("io_contract") or {}
+    modality = checkpoint_modality(hyper)
+    cfg = OmegaConf.create(dict(hyper["model"]["net"]))
     if "pretrained_path" in cfg:
         cfg.pretrained_path = None  # the weights come from the checkpoint, never from elsewhere
     shape = [int(v) for v in input_shape] if input_shape else _input_shape(hyper, modality, path)
