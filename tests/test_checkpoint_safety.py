@@ -269,6 +269,23 @@ def test_stacked_ensemble_refuses_a_hostile_meta_learner_or_base(good, hostile, 
     _refused(lambda: build_stacked_ensemble(meta2), meta2, marker, "ensemble x hostile meta-learner")
 
 
+def test_stacked_ensemble_checks_a_versioned_meta_learner_against_its_metadata(tmp_path: Path):
+    """A promoted meta-learner whose bytes changed after promotion is refused before anything is built."""
+    from medens.ensemble.network import build_stacked_ensemble
+    from medens.errors import RegistryError
+    from medens.registry.versioning import metadata_path_for
+    from medens.utils.hashing import sha256_file
+
+    contract = {"modality": "ensemble", "targets": ["t"], "base_checkpoints": {}, "feature_names": ["x"]}
+    meta = _write(tmp_path / "meta_learner_v1.0.0.pth", {"modality": "ensemble", "io_contract": contract}, {})
+    metadata_path_for(meta).write_text(json.dumps({"sha256": sha256_file(meta)}))
+    with pytest.raises(CheckpointError, match=r"feature order \['x'\] does not match"):  # loaded: next check
+        build_stacked_ensemble(meta)
+    _write(meta, {"modality": "ensemble", "io_contract": {**contract, "targets": ["u"]}}, {})  # changed after
+    with pytest.raises(RegistryError, match=r"meta_learner_v1\.0\.0\.pth: SHA-256 mismatch"):
+        build_stacked_ensemble(meta)
+
+
 @pytest.mark.slow
 def test_evaluate_cli_refuses_hostile_checkpoints(hostile):
     marker = hostile["marker"]
