@@ -100,10 +100,10 @@ def binary_operating_table(
     return rows
 
 
-def evaluate_classifier(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Per-class AUC (JSON), ROC curves (PNG) and per-case predictions (CSV) of a classifier checkpoint."""
+def evaluate_classifier(cfg: DictConfig, out_dir: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Per-class AUC (JSON), ROC curves (PNG) and per-case predictions (CSV) of a classifier checkpoint
+    (`ckpt`: `cfg.ckpt_path` as `evaluate` loaded it)."""
     ckpt_path = Path(cfg.ckpt_path)
-    ckpt = load_checkpoint_verified(ckpt_path)  # a versioned file: SHA-256 checked against its metadata
     data_cfg = resolve_data_config(cfg, ckpt, ckpt_path)
     model, dm, hyper = build_from_checkpoint(ckpt, ckpt_path, data_cfg)
     from medens.evaluation.classifier_report import report_classifier  # metrics with intervals, report.html
@@ -139,9 +139,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_data_modality(hyper, cfg.get("data"), cfg.ckpt_path)  # before any data is read
     modality = hyper.get("modality", "xray")
     if modality in ("xray", "ct"):
-        return evaluate_classifier(cfg, out_dir)
+        return evaluate_classifier(cfg, out_dir, ckpt)
     if modality == "mri":
         from medens.evaluation.segmentation import evaluate_segmenter
 
-        return evaluate_segmenter(cfg, out_dir)
+        return evaluate_segmenter(cfg, out_dir, ckpt)
     raise ConfigError(f"{cfg.ckpt_path}: no evaluator for modality {modality!r}")

@@ -34,7 +34,6 @@ import numpy as np  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from medens.checkpoint.safe_build import load_checkpoint_verified  # noqa: E402
 from medens.data.mri.brats import REGIONS, canonical_modality  # noqa: E402
 from medens.data.mri.transforms import write_prediction_nifti  # noqa: E402
 from medens.errors import ConfigError  # noqa: E402
@@ -171,10 +170,10 @@ def _with_inferer_overrides(ckpt: dict[str, Any], overrides: Any) -> dict[str, A
     return {**ckpt, "hyperparameters": {**hyper, "model": model}}
 
 
-def evaluate_segmenter(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Sliding-window prediction of every case of a split; metrics (JSON/CSV), NIfTI and PNG per case."""
+def evaluate_segmenter(cfg: DictConfig, out_dir: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
+    """Sliding-window prediction of every case of a split; metrics (JSON/CSV), NIfTI and PNG per case
+    (`ckpt`: `cfg.ckpt_path` as `evaluate` loaded it)."""
     ckpt_path = Path(cfg.ckpt_path)
-    ckpt = load_checkpoint_verified(ckpt_path)  # a versioned file: SHA-256 checked against its metadata
     label_codes = str(cfg.get("label_codes", "dataset"))
     if label_codes not in LABEL_CODES:
         raise ConfigError(f"label_codes must be one of {list(LABEL_CODES)}, got {label_codes!r}")
