@@ -163,7 +163,8 @@ class SliceSampler:
 def augment(
     x: torch.Tensor, y: torch.Tensor, opts: Mapping[str, Any], gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched 2D augmentation: rotation + scaling (affine grid; nearest for labels), mirroring, intensity."""
+    """Batched 2D augmentation: rotation + scaling (affine grid; nearest for labels), mirroring, intensity.
+    Home-made because it transforms a whole batch of slices in one `grid_sample`; MONAI's Rand* work per item."""
     n = x.shape[0]
     if float(opts["spatial_prob"]) > 0:
         on = torch.rand(n, generator=gen) < float(opts["spatial_prob"])

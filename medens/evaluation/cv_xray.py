@@ -140,6 +140,8 @@ class _Block(nn.Module):
 
 
 def _augment(x: torch.Tensor, opts: Mapping[str, Any], gen: torch.Generator) -> torch.Tensor:
+    """Random rotation, scale, shift (one `grid_sample`) and gain/bias over the whole batch; home-made because
+    MONAI's Rand* transforms work per item and the recipe augments its in-memory batch in one pass."""
     n = x.shape[0]
     ang = (torch.rand(n, generator=gen) * 2 - 1) * math.radians(float(opts["rotate_deg"]))
     sc = 1 + (torch.rand(n, generator=gen) * 2 - 1) * float(opts["scale"])
