@@ -345,10 +345,11 @@ def load_checkpoint_verified(path: str | os.PathLike, map_location: Any = "cpu",
     from medens.registry.versioning import load_versioned, split_checkpoint_name
 
     if split_checkpoint_name(path)[2] is not None:
-        ckpt = load_versioned(path, map_location=map_location)  # bytes checked against the metadata first
+        ckpt = load_versioned(path, map_location=map_location)  # SHA-256 first, then validate_checkpoint
     else:
         ckpt = load_checkpoint(path, map_location=map_location)
-    _check_modality(validate_checkpoint(ckpt, path), path, modality, role)
+        validate_checkpoint(ckpt, path)
+    _check_modality(ckpt.get("hyperparameters") or {}, path, modality, role)
     return ckpt
 
 
