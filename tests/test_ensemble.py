@@ -425,6 +425,18 @@ def test_ensemble_traced_export_runs_without_medens(pipeline_root: Path, tmp_pat
     assert manifest["verification"]["passed"] and [
         c["batch_size"] for c in manifest["verification"]["checks"]
     ] == [1, 3]
+    # what a server needs of each base model: its checkpoint's io_contract (no patient list) and SHA-256
+    from medens.checkpoint.io import load_checkpoint
+    from medens.utils.hashing import sha256_file
+
+    meta = load_checkpoint(pipeline_root / "saved_models" / "ensemble" / "meta_learner.pth")
+    records = meta["hyperparameters"]["io_contract"]["base_checkpoints"]
+    assert sorted(manifest["base_models"]) == sorted(records) == ["ct", "mri", "xray"]
+    for m, rec in records.items():
+        contract = dict(load_checkpoint(rec["path"])["hyperparameters"]["io_contract"])
+        assert contract.pop("seen_patients", None), f"{m}: the base checkpoint records its patients"
+        assert manifest["base_models"][m]["io_contract"] == json.loads(json.dumps(contract))
+        assert manifest["base_models"][m]["sha256"] == sha256_file(rec["path"]) == rec["sha256"]
     ens, info = build_stacked_ensemble(pipeline_root / "saved_models" / "ensemble" / "meta_learner.pth")
     inputs = list(example_inputs(info, batch=4, seed=7))
     inputs[3] = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])

@@ -108,7 +108,7 @@ def build_stacked_ensemble(
     meta_ckpt_path: str | Path, mri_voxel_ml: float = 0.001
 ) -> tuple[StackedEnsemble, dict[str, Any]]:
     """The ensemble of a `meta_learner.pth` (its base checkpoints from its own record) and a dict
-    describing its inputs (shapes for one case, modality order, targets)."""
+    describing its inputs (shapes for one case, modality order, targets) and the base checkpoints it holds."""
     path = Path(meta_ckpt_path)
     ckpt = load_checkpoint_verified(path)  # its record names the base checkpoints: data, never code
     contract = (ckpt.get("hyperparameters") or {}).get("io_contract") or {}
@@ -153,6 +153,8 @@ def build_stacked_ensemble(
         "targets": list(contract["targets"]),
         "input_shapes": shapes,
         "meta_learner": str(path),
+        # what each base model was built from (verified above), so an export describes it without a reload
+        "base_models": {m: {"sha256": b.sha256, "hyperparameters": b.hyperparameters} for m, b in base.items()},
     }
     return ens, info
 

@@ -29,18 +29,16 @@ def load_ensemble(
 
 def serving_info(info: dict[str, Any]) -> dict[str, Any]:
     """What a server needs to preprocess raw inputs for the traced ensemble: each base model's io_contract
-    (without its patient list) and inference settings, from the meta-learner's own record."""
-    from medens.checkpoint.io import load_checkpoint
+    (without its patient list) and inference settings, from the base checkpoints `load_ensemble` verified."""
     from medens.export.checkpoints import inference_settings
 
-    contract = (load_checkpoint(info["meta_learner"]).get("hyperparameters") or {}).get("io_contract") or {}
     bases: dict[str, Any] = {}
-    for m, rec in (contract.get("base_checkpoints") or {}).items():
-        hyper = load_checkpoint(rec["path"]).get("hyperparameters") or {}
+    for m, rec in info["base_models"].items():
+        hyper = rec["hyperparameters"]
         bases[m] = {
             "io_contract": {k: v for k, v in (hyper.get("io_contract") or {}).items() if k != "seen_patients"},
             "inference": inference_settings(hyper),
-            "sha256": rec.get("sha256"),
+            "sha256": rec["sha256"],
         }
     return {"modalities": list(info["modalities"]), "base_models": bases}
 
