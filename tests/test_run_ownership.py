@@ -24,7 +24,6 @@ from tests.helpers import PYTHON, ROOT, TINY_XRAY, cli_ok, run_cli
 BASE = ["experiment=xray", *TINY_XRAY, "test=false", "logger=none", "trainer.max_epochs=2",
         "callbacks.model_checkpoint_periodic.every_n_epochs=1"]  # fmt: skip
 ENV = {"OMP_NUM_THREADS": "1"}
-pytestmark = pytest.mark.slow  # every scenario runs real training processes through the CLI
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -50,6 +49,7 @@ def rerun_root(first_run: Path, tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_second_concurrent_training_is_refused_naming_the_first(tmp_path):
     folder = tmp_path / "saved_models" / "xray"
     env = {**os.environ, "MEDENS_ROOT": str(tmp_path), "PYTHONUNBUFFERED": "1", **ENV}
@@ -91,6 +91,7 @@ def _best_line(out: str) -> Path:
     return Path(re.findall(r"best checkpoint: (\S+)", out)[-1])
 
 
+@pytest.mark.slow
 def test_rerun_default_new_run_publishes_only_a_better_best(rerun_root):
     folder = rerun_root / "saved_models" / "xray"
     # make the existing best unbeatable: AUC 1.0
@@ -128,6 +129,7 @@ def test_rerun_default_new_run_publishes_only_a_better_best(rerun_root):
     )
 
 
+@pytest.mark.slow
 def test_rerun_on_existing_resume_continues_the_previous_run(rerun_root):
     folder = rerun_root / "saved_models" / "xray"
     out = cli_ok(
@@ -143,6 +145,7 @@ def test_rerun_on_existing_resume_continues_the_previous_run(rerun_root):
     ]
 
 
+@pytest.mark.slow
 def test_rerun_on_existing_refuse_names_the_files_and_the_options(rerun_root):
     folder = rerun_root / "saved_models" / "xray"
     before = snapshot(folder)
@@ -154,6 +157,7 @@ def test_rerun_on_existing_refuse_names_the_files_and_the_options(rerun_root):
     assert snapshot(folder) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override",
     ["model.name=resnet18_v1.0.0", "callbacks.model_checkpoint_best.filename=resnet18_v1.0.0_best"],
@@ -173,6 +177,7 @@ def test_training_named_like_a_promoted_version_is_refused(rerun_root, override)
     assert snapshot(folder) == before
 
 
+@pytest.mark.slow
 def test_explicit_run_id_that_holds_files_is_not_overwritten(rerun_root):
     folder = rerun_root / "saved_models" / "xray"
     run = folder / "runs" / "mine"
